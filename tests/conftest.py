@@ -1,0 +1,35 @@
+"""Shared fixtures: the real 270M (GGUF from PyPI) and transformers' view of it, loaded once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def gguf_270m_path():
+    from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+
+    return embedded_270m_gguf()
+
+
+@pytest.fixture(scope="session")
+def hf_270m_tokenizer(gguf_270m_path):
+    """transformers' tokenizer converted from the same GGUF (about 15 s)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gguf_270m_path.parent), gguf_file=gguf_270m_path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_270m_model(gguf_270m_path):
+    """transformers' Gemma3ForCausalLM on the GGUF's dequantized weights, fp32, eager attention (about 45 s)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_270m_path.parent),
+        gguf_file=gguf_270m_path.name,
+        dtype=torch.float32,
+        attn_implementation="eager",
+    )
+    return model.eval()
