@@ -1,0 +1,105 @@
+"""`gemma3::hybrid_attention`: the torch custom op whose eager body is the reference implementation.
+
+The contract (inputs, outputs, attributes, mask rule, cache layouts) is defined once in
+`gemma3.plugins.attention_schema`; read it there. Export translates this op per target; here it runs eagerly.
+"""
+
+from __future__ import annotations
+
+import torch
+from gemma3.plugins import attention_schema as schema
+
+_QUALNAME = f"{schema.OP_NAMESPACE}::{schema.OP_NAME}"
+
+
+def key_positions(past_len: torch.Tensor, capacity: int, window: int) -> torch.Tensor:
+    """Absolute position held by each cache row before this step; -1 marks an empty row.
+
+    Global cache: row r holds position r.  Local ring of `window` rows: row r holds the newest position
+    p < past_len with p % window == r.
+    """
+    rows = torch.arange(capacity, dtype=torch.int64)
+    if window == 0:
+        return torch.where(rows < past_len, rows, -1)
+    newest = past_len - 1 - torch.remainder(past_len - 1 - rows, window)
+    return torch.where(newest >= 0, newest, -1)
+
+
+def visibility(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, q_group: torch.Tensor, k_group: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Boolean mask (B, S, K): key visible to query. -1 key positions are empty rows and never visible.
+
+    q_pos (S,), k_pos (K,), q_group (B, S), k_group (B, K): the rule of the schema, in one place.
+    """
+    causal = k_pos[None, None, :] <= q_pos[None, :, None]
+    same_image = (q_group[:, :, None] == k_group[:, None, :]) & (q_group[:, :, None] >= 0)
+    visible = (causal | same_image) & (k_pos[None, None, :] >= 0)
+    if window > 0:
+        visible = visible & (q_pos[None, :, None] - k_pos[None, None, :] < window)
+    return visible
+
+
+def _write_cache(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor, window: int) -> torch.Tensor:
+    """cache (B, KVH, C, D) with new (B, KVH, S, D) written at their rows (ring rows for local layers)."""
+    if window > 0:
+        new = new[:, :, -window:]  # only the newest `window` positions survive in the ring
+    n = new.shape[2]
+    positions = past_len + new.shape[2] - n + torch.arange(n, dtype=torch.int64)
+    rows = torch.remainder(positions, window) if window > 0 else positions
+    return cache.index_copy(2, rows, new)
+
+
+def hybrid_attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    past_len: torch.Tensor,
+    group_ids: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    scale: float,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, new_tokens, _ = q.shape
+    capacity = k_cache.shape[2]
+    q = q.view(batch, new_tokens, num_heads, head_dim).transpose(1, 2)  # (B, H, S, D)
+    k = k.view(batch, new_tokens, num_kv_heads, head_dim).transpose(1, 2)  # (B, KVH, S, D)
+    v = v.view(batch, new_tokens, num_kv_heads, head_dim).transpose(1, 2)
+
+    # Attend over [cache rows as they were] + [new tokens]; the new tokens are not yet in the cache, so a
+    # chunk longer than the window still sees every key its queries need.
+    q_pos = past_len + torch.arange(new_tokens, dtype=torch.int64)  # (S,)
+    k_pos = torch.cat((key_positions(past_len, capacity, window), q_pos))  # (C + S,)
+    cached_group = torch.full((batch, capacity), -1, dtype=group_ids.dtype)  # images never straddle steps
+    k_group = torch.cat((cached_group, group_ids), dim=1)  # (B, C + S)
+    mask = visibility(q_pos, k_pos, group_ids, k_group, window)  # (B, S, C + S)
+
+    keys = torch.cat((k_cache, k), dim=2)  # (B, KVH, C + S, D)
+    values = torch.cat((v_cache, v), dim=2)
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=1)  # (B, H, C + S, D)
+    values = values.repeat_interleave(group, dim=1)
+
+    scores = torch.matmul(q, keys.transpose(2, 3)) * scale  # (B, H, S, C + S)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs, values)  # (B, H, S, D)
+    out = out.transpose(1, 2).reshape(batch, new_tokens, num_heads * head_dim)
+
+    return out, _write_cache(k_cache, k, past_len, window), _write_cache(v_cache, v, past_len, window)
+
+
+@torch.library.custom_op(_QUALNAME, mutates_args=(), schema=schema.torch_schema())
+def hybrid_attention(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads, head_dim, scale,
+                     window):
+    return hybrid_attention_reference(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads,
+                                      head_dim, scale, window)
+
+
+@hybrid_attention.register_fake
+def _(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads, head_dim, scale, window):
+    return q.new_empty(q.shape), torch.empty_like(k_cache), torch.empty_like(v_cache)

@@ -1,0 +1,77 @@
+"""The single definition of the hybrid attention op's contract, as plain data (no torch, no tensorrt).
+
+Everything that implements or translates the op reads this: the torch custom op in `gemma3.graphs.attention`,
+the ONNX translations in the exporter, the TensorRT plugin registration and the Triton kernels.
+
+Semantics (one decoder layer, one step over S new tokens after `past_len` tokens already in context):
+  - q, k, v arrive after QK-norm and RoPE (RoPE is applied by the caller, so the op knows nothing of bases).
+  - Key j (absolute position) is visible to the query at position p when
+        (j <= p  or  both are soft tokens of the same image)  and  (window == 0  or  p - j < window).
+    This is transformers' Gemma 3 rule: the image groups are OR-ed onto causality, the window is AND-ed on top.
+    With the real window sizes (512 / 1024) an image's 256 tokens always fit the window.
+  - group_ids: per new token, -1 for text, otherwise the image it belongs to. Images never straddle a step,
+    so groups only matter among the new tokens.
+  - Cache layouts (reference / TensorRT):
+      global (window == 0): [B, kv_heads, capacity, head_dim]; position j lives in row j.
+      local  (window  > 0): [B, kv_heads, window, head_dim], a ring; position j lives in row j % window.
+    The op returns the updated caches (functional in the reference; in place in the plugin).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+OP_NAMESPACE = "gemma3"
+OP_NAME = "hybrid_attention"
+# TensorRT's ONNX parser falls back to the plugin registry for unknown ops: op_type == plugin name.
+ONNX_DOMAIN = "gemma3"
+ONNX_OP_TYPE = "HybridAttention"
+ONNX_OPSET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: str  # symbolic, for docs and error messages
+    dtype: str  # "float" (fp32 / fp16 / bf16 as the model) or "int64"
+    doc: str
+
+
+INPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("q", "[B, S, num_heads * head_dim]", "float", "queries after QK-norm and RoPE"),
+    TensorSpec("k", "[B, S, num_kv_heads * head_dim]", "float", "new keys after QK-norm and RoPE"),
+    TensorSpec("v", "[B, S, num_kv_heads * head_dim]", "float", "new values"),
+    TensorSpec("k_cache", "[B, num_kv_heads, C, head_dim]", "float", "C = capacity (global) or window (local)"),
+    TensorSpec("v_cache", "[B, num_kv_heads, C, head_dim]", "float", "same layout as k_cache"),
+    TensorSpec("past_len", "[]", "int64", "tokens already in context before this step"),
+    TensorSpec("group_ids", "[B, S]", "int64", "-1 for text, image index for image soft tokens"),
+)
+
+OUTPUTS: tuple[TensorSpec, ...] = (
+    TensorSpec("out", "[B, S, num_heads * head_dim]", "float", "attention output, heads concatenated"),
+    TensorSpec("k_cache_out", "[B, num_kv_heads, C, head_dim]", "float", "k_cache with the new keys written"),
+    TensorSpec("v_cache_out", "[B, num_kv_heads, C, head_dim]", "float", "v_cache with the new values written"),
+)
+
+
+@dataclass(frozen=True)
+class AttributeSpec:
+    name: str
+    type: str  # "int" or "float"
+    doc: str
+
+
+ATTRIBUTES: tuple[AttributeSpec, ...] = (
+    AttributeSpec("num_heads", "int", "query heads"),
+    AttributeSpec("num_kv_heads", "int", "key/value heads (GQA: query head h reads kv head h // (heads / kv))"),
+    AttributeSpec("head_dim", "int", "per-head width"),
+    AttributeSpec("scale", "float", "score scale, query_pre_attn_scalar ** -0.5"),
+    AttributeSpec("window", "int", "sliding window W (0 = global layer)"),
+)
+
+
+def torch_schema() -> str:
+    """The torch.library schema string built from the tables above (one definition of the signature)."""
+    args = [f"Tensor {t.name}" for t in INPUTS] + [f"{a.type} {a.name}" for a in ATTRIBUTES]
+    outs = ", ".join("Tensor" for _ in OUTPUTS)
+    return f"({', '.join(args)}) -> ({outs})"
