@@ -10,9 +10,9 @@ import re
 
 # ---- Hugging Face -------------------------------------------------------------------------------------
 # Layouts seen in the wild, normalised to one prefix each before matching:
-#   Gemma3ForCausalLM:                    model.layers.0...            model.embed_tokens / model.norm
-#   Gemma3ForConditionalGeneration (old): language_model.model.layers.0...   vision_tower...   multi_modal_projector...
-#   Gemma3ForConditionalGeneration (new): model.language_model.layers.0...   model.vision_tower...   model.multi_modal_projector...
+#   Gemma3ForCausalLM:                    model.layers.0..., model.embed_tokens, model.norm
+#   Gemma3ForConditionalGeneration (old): language_model.model.*, vision_tower.*, multi_modal_projector.*
+#   Gemma3ForConditionalGeneration (new): model.language_model.*, model.vision_tower.*, model.multi_modal_projector.*
 _HF_PREFIXES = (
     ("model.language_model.", "text."),
     ("language_model.model.", "text."),
