@@ -42,10 +42,11 @@ def visibility(
 
 def _write_cache(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor, window: int) -> torch.Tensor:
     """cache (B, KVH, C, D) with new (B, KVH, S, D) written at their rows (ring rows for local layers)."""
+    new_tokens = new.shape[2]
     if window > 0:
         new = new[:, :, -window:]  # only the newest `window` positions survive in the ring
-    n = new.shape[2]
-    positions = past_len + new.shape[2] - n + torch.arange(n, dtype=torch.int64)
+    kept = new.shape[2]
+    positions = past_len + (new_tokens - kept) + torch.arange(kept, dtype=torch.int64)
     rows = torch.remainder(positions, window) if window > 0 else positions
     return cache.index_copy(2, rows, new)
 

@@ -122,8 +122,10 @@ class TextDecoder(nn.Module):
         if image_features is None or image_token is None:
             return x
         is_image = (input_ids == image_token).reshape(-1)  # (B * S,)
-        index = (torch.cumsum(is_image.to(torch.int64), 0) - 1).clamp(min=0)
-        gathered = image_features.to(x.dtype)[index].reshape(x.shape)
+        # row 0 is a zero pad so that a step without image tokens (0 feature rows) still gathers in range
+        rows = torch.cat((image_features.new_zeros(1, image_features.shape[-1]), image_features)).to(x.dtype)
+        index = torch.where(is_image, torch.cumsum(is_image.to(torch.int64), 0), 0)
+        gathered = rows[index].reshape(x.shape)
         return torch.where(is_image.reshape(*input_ids.shape, 1), gathered, x)
 
     def new_cache(self, batch: int, capacity: int, dtype: torch.dtype = torch.float32) -> KVCache:

@@ -18,6 +18,8 @@ _HF_PREFIXES = (
     ("language_model.model.", "text."),
     ("model.vision_tower.vision_model.", "vision."),
     ("vision_tower.vision_model.", "vision."),
+    ("model.vision_tower.", "vision."),  # transformers 5 writes the tower without `vision_model.`
+    ("vision_tower.", "vision."),
     ("model.multi_modal_projector.", "projector."),
     ("multi_modal_projector.", "projector."),
     ("model.", "text."),

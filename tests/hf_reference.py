@@ -1,0 +1,90 @@
+"""Random tiny Gemma 3 models in Hugging Face transformers (the reference), saved as real checkpoints.
+
+The same weights reach our model through our own loader (save_pretrained -> load_checkpoint), so every
+parity test also exercises the safetensors path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration, SiglipVisionConfig
+from transformers import Gemma3Config as HFGemma3Config
+from transformers import Gemma3TextConfig as HFTextConfig
+
+from gemma3.graphs.config import GLOBAL, LOCAL, Gemma3Config, VisionConfig, tiny
+
+_HF_TYPE = {LOCAL: "sliding_attention", GLOBAL: "full_attention"}
+
+
+def _rope(r) -> dict:
+    if r.linear_factor == 1.0:
+        return {"rope_type": "default", "rope_theta": r.base}
+    return {"rope_type": "linear", "factor": r.linear_factor, "rope_theta": r.base}
+
+
+def hf_text_config(c: Gemma3Config) -> HFTextConfig:
+    return HFTextConfig(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
+        head_dim=c.head_dim, query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        layer_types=[_HF_TYPE[t] for t in c.layer_types],
+        rope_parameters={_HF_TYPE[k]: _rope(r) for k, r in c.rope.items()},
+        pad_token_id=0, bos_token_id=2, eos_token_id=1,
+    )
+
+
+def hf_config(c: Gemma3Config):
+    if c.vision is None:
+        return hf_text_config(c)
+    v = c.vision
+    vision = SiglipVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
+        layer_norm_eps=v.layer_norm_eps, vision_use_head=False, hidden_act="gelu_pytorch_tanh",
+    )
+    return HFGemma3Config(
+        text_config=hf_text_config(c).to_dict(), vision_config=vision.to_dict(),
+        mm_tokens_per_image=v.mm_tokens_per_image, image_token_index=c.image_token_id,
+        boi_token_index=c.boi_token_id, eoi_token_index=c.eoi_token_id,
+    )
+
+
+def tiny_multimodal(**overrides) -> Gemma3Config:
+    """A tiny image model: 28x28 images of 7x7 patches (16 patches), pooled to `mm_tokens` soft tokens."""
+    mm_tokens = overrides.pop("mm_tokens", 4)
+    vision = VisionConfig(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64, num_layers=2,
+                          num_heads=4, mm_tokens_per_image=mm_tokens)
+    return tiny(name="tiny-mm", vision=vision, image_token_id=510, boi_token_id=508, eoi_token_id=509, **overrides)
+
+
+def random_hf_model(c: Gemma3Config, seed: int = 0):
+    """An HF model with every parameter random (HF initialises norms and the projector to zero)."""
+    torch.manual_seed(seed)
+    cls = Gemma3ForCausalLM if c.vision is None else Gemma3ForConditionalGeneration
+    model = cls(hf_config(c)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lm_head" in name:
+                continue  # tied to the embedding
+            std = 0.1 if name.endswith("norm.weight") or "layernorm" in name or "layer_norm" in name else 0.05
+            p.normal_(0.0, std)
+    model.config._attn_implementation = "eager"
+    return model
+
+
+def save_hf(model, folder: Path) -> Path:
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def prompt_with_images(c: Gemma3Config, images: int, seed: int = 0, text: int = 6) -> torch.Tensor:
+    """[bos] text ([boi] soft x T [eoi] text) x images, with random text ids below the special ids."""
+    g = torch.Generator().manual_seed(seed)
+    ids = [2] + torch.randint(3, 500, (text,), generator=g).tolist()
+    for _ in range(images):
+        ids += [c.boi_token_id] + [c.image_token_id] * c.vision.mm_tokens_per_image + [c.eoi_token_id]
+        ids += torch.randint(3, 500, (text,), generator=g).tolist()
+    return torch.tensor([ids])
