@@ -7,6 +7,7 @@ The contract (inputs, outputs, attributes, mask rule, cache layouts) is defined 
 from __future__ import annotations
 
 import torch
+
 from gemma3.plugins import attention_schema as schema
 
 _QUALNAME = f"{schema.OP_NAMESPACE}::{schema.OP_NAME}"

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration, SiglipVisionConfig
 from transformers import Gemma3Config as HFGemma3Config
+from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration, SiglipVisionConfig
 from transformers import Gemma3TextConfig as HFTextConfig
 
 from gemma3.graphs.config import GLOBAL, LOCAL, Gemma3Config, VisionConfig, tiny
