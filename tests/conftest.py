@@ -33,3 +33,11 @@ def hf_270m_model(gguf_270m_path):
         attn_implementation="eager",
     )
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def our_270m_model(gguf_270m_path):
+    """Our definition loaded from the same GGUF by our own loader."""
+    from gemma3.graphs import load_checkpoint
+
+    return load_checkpoint(gguf_270m_path)
