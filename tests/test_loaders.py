@@ -28,8 +28,11 @@ def _reference_state(folder):
     return {k: v.clone() for k, v in load_checkpoint(folder).state_dict().items()}
 
 
-_NEW_LAYOUT = (("language_model.model.", "model.language_model."), ("vision_tower.", "model.vision_tower.vision_model."),
-               ("multi_modal_projector.", "model.multi_modal_projector."))
+_NEW_LAYOUT = (
+    ("language_model.model.", "model.language_model."),
+    ("vision_tower.", "model.vision_tower.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+)
 
 
 def test_sharded_new_layout_loads_identically(mm_folder, tmp_path):
