@@ -55,7 +55,7 @@ _DTYPES: dict[tuple[Any, str], np.dtype] = {}
 def _field(reader: gguf.GGUFReader, key: str, path: str | os.PathLike) -> gguf.ReaderField:
     field = reader.get_field(key)
     if field is None:
-        raise ValueError(f"{os.fspath(path)}: GGUF has no tokenizer field {key!r}")
+        raise ValueError(f"{os.fspath(path)}: GGUF lacks the tokenizer field {key!r}")
     return field
 
 
@@ -63,7 +63,7 @@ def _scalar(reader: gguf.GGUFReader, key: str, path: str | os.PathLike, default:
     field = reader.get_field(key)
     if field is None:
         if default is None:
-            raise ValueError(f"{os.fspath(path)}: GGUF has no tokenizer field {key!r}")
+            raise ValueError(f"{os.fspath(path)}: GGUF lacks the tokenizer field {key!r}")
         return default
     return field.parts[field.data[0]].tolist()[0]
 
@@ -112,7 +112,7 @@ def sentencepiece_model_from_gguf(path: str | os.PathLike) -> bytes:
         if token_id >= len(pieces):
             raise ValueError(f"{os.fspath(path)}: {name} token id {token_id} is outside the vocabulary")
     if ids["unk"] < 0:
-        raise ValueError(f"{os.fspath(path)}: GGUF has no tokenizer field 'tokenizer.ggml.unknown_token_id'")
+        raise ValueError(f"{os.fspath(path)}: GGUF lacks the tokenizer field 'tokenizer.ggml.unknown_token_id'")
 
     model = sp_pb2.ModelProto()
     add = model.pieces.add
