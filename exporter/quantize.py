@@ -1,0 +1,92 @@
+"""Weight-only quantization schemes and the per-tensor packing for ONNX Runtime's MatMulNBits.
+
+Applied one tensor at a time, so an export never holds more than one weight in memory. Symmetric, per block of
+`block_size` along K, zero point 2^(bits-1) (MatMulNBits' default):
+  - 4-bit: onnxruntime's own C++ quantizer (`quantize_matmul_4bits`, what `MatMulNBitsQuantizer` calls):
+    the signed absmax maps to -8, as llama.cpp's Q4_0.
+  - 8-bit: scale = absmax / 127 (numpy, below). onnxruntime's 8-bit kernel maps absmax to -128, which loses
+    the exactness we want: a GGUF Q8_0 tensor (int8, one scale per 32) re-encodes exactly with absmax / 127.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the decoder's weights are stored. `None` bits means float (fp32)."""
+
+    name: str
+    linear_bits: int | None  # q/k/v/o/gate/up/down projections
+    embed_bits: int | None  # the tied embedding / lm_head table (63% of the 270m's parameters)
+    block_size: int = 32
+    accuracy_level: int = 4  # MatMulNBits: int8 activations, the fast CPU path
+    doc: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.linear_bits is not None or self.embed_bits is not None
+
+
+PRECISIONS: dict[str, Precision] = {
+    p.name: p
+    for p in (
+        Precision("fp32", None, None, doc="float32 weights: the reference"),
+        Precision("int8", 8, 8, doc="8-bit block-32 weights everywhere"),
+        Precision("int4", 4, 8, doc="4-bit block-32 projections, 8-bit tied embedding / lm_head"),
+        Precision("int4-full", 4, 4, doc="4-bit block-32 everywhere, embedding included (smallest)"),
+    )
+}
+
+
+def precision(name: str) -> Precision:
+    try:
+        return PRECISIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r}; choose one of {', '.join(PRECISIONS)}") from None
+
+
+def packed_shapes(n: int, k: int, bits: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Shapes of MatMulNBits' B ([N, k_blocks, blob]) and scales ([N, k_blocks]) for a [N, K] weight."""
+    k_blocks = -(-k // block_size)
+    return (n, k_blocks, block_size * bits // 8), (n, k_blocks)
+
+
+def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """weight [N, K] (nn.Linear layout) -> packed uint8 [N, k_blocks, blob], fp32 scales [N, k_blocks]."""
+    n, k = weight.shape
+    packed_shape, scales_shape = packed_shapes(n, k, bits, block_size)
+    k_padded = packed_shape[1] * block_size
+    if bits == 8:
+        blocks = np.zeros((n, k_padded), dtype=np.float32)
+        blocks[:, :k] = weight
+        blocks = blocks.reshape(n, -1, block_size)
+        scales = np.abs(blocks).max(axis=-1) / 127.0
+        safe = np.where(scales == 0, 1.0, scales)
+        q = np.clip(np.rint(blocks / safe[:, :, None]), -127, 127) + 128
+        return q.astype(np.uint8), scales.astype(np.float32)
+    if bits != 4:
+        raise ValueError(f"{bits}-bit weights are not supported (4 or 8)")
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    columns = np.zeros((k_padded, n), dtype=np.float32)  # the kernel reads K-major (the MatMul's B layout)
+    columns[:k] = weight.T
+    packed = np.zeros(packed_shape, dtype=np.uint8)
+    scales = np.zeros(scales_shape, dtype=np.float32)
+    zero_points = np.zeros((n, -(-packed_shape[1] * bits // 8)), dtype=np.uint8)  # unused when symmetric
+    quantize_matmul_4bits(packed, columns, scales, zero_points, block_size, n, k_padded, True)
+    return packed, scales
+
+
+def dequantize_blockwise(packed: np.ndarray, scales: np.ndarray, bits: int, k: int) -> np.ndarray:
+    """The inverse, for tests and error reports: [N, K] fp32."""
+    n, k_blocks, _ = packed.shape
+    if bits == 4:
+        values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, k_blocks, -1)
+    else:
+        values = packed
+    centred = values.astype(np.float32) - 2 ** (bits - 1)
+    return (centred * scales[:, :, None]).reshape(n, -1)[:, :k]

@@ -1,0 +1,90 @@
+"""Trace the decoder step to ONNX without materialising weights.
+
+The model is built on the meta device (parameters have shapes, no data), traced with
+`torch.onnx.export(dynamo=True)`, and the hybrid attention op becomes one target-neutral node
+`gemma3::HybridAttention` per layer. Later passes lower that node per target and fill the weights by streaming
+them from the checkpoint, so tracing costs the same for 270m and 27b.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+import onnxscript
+import torch
+from onnxscript import FLOAT
+
+from gemma3.graphs.config import Gemma3Config
+from gemma3.graphs.model import Gemma3
+from gemma3.graphs.rope import RotaryTables
+from gemma3.plugins import attention_schema as schema
+
+log = logging.getLogger(__name__)
+
+_gemma3 = onnxscript.values.Opset(schema.ONNX_DOMAIN, schema.ONNX_OPSET_VERSION)
+
+
+# The signature mirrors plugins/attention_schema.py (torch.library needs it spelled out here as Python).
+@onnxscript.script()
+def _hybrid_attention(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads: int, num_kv_heads: int,
+                      head_dim: int, scale: float, window: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+    out, k_out, v_out = _gemma3.HybridAttention(
+        q, k, v, k_cache, v_cache, past_len, group_ids,
+        num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, window=window,
+    )
+    return out, k_out, v_out
+
+
+class DecoderStep(torch.nn.Module):
+    """The exported decoder graph: one step over S new tokens on explicit per-layer caches."""
+
+    def __init__(self, model: Gemma3, all_logits: bool = False):
+        super().__init__()
+        self.model = model
+        self.all_logits = all_logits
+
+    def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, cache: list[torch.Tensor]):
+        pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
+        hidden_logits, new_cache = self.model.step(input_ids, past_len, pairs)
+        logits = hidden_logits if self.all_logits else hidden_logits[:, -1:]
+        return (logits, *[t for pair in new_cache for t in pair])
+
+
+def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
+    """Values of the graph's non-weight initializers (buffers), under their ONNX names."""
+    tables = RotaryTables(config)
+    return {f"model.text.rope.{name}": buffer for name, buffer in tables.named_buffers()}
+
+
+def trace_decoder(config: Gemma3Config, all_logits: bool = False) -> ir.Model:
+    """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data."""
+    layers = config.num_layers
+    with torch.device("meta"):  # everything traced on meta: no weight is ever allocated
+        step = DecoderStep(Gemma3(config), all_logits).eval()
+        cache = []
+        for i in range(layers):
+            capacity = config.window(i) or 16  # any example size: the capacity axis is dynamic
+            shape = (1, config.num_kv_heads, capacity, config.head_dim)
+            cache += [torch.zeros(shape), torch.zeros(shape)]
+        args = (torch.zeros((1, 4), dtype=torch.int64), torch.tensor(0, dtype=torch.int64), cache)
+        cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
+        program = torch.onnx.export(
+            step, args, dynamo=True, optimize=False, verbose=False,
+            custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
+            dynamic_shapes=({1: "new_tokens"}, None, cache_dims),
+        )
+    onnx_model = program.model
+    _name_io(onnx_model.graph, layers)
+    return onnx_model
+
+
+def _name_io(graph: ir.Graph, layers: int) -> None:
+    """Stable, documented IO names: input_ids, past_len, past_key.{i}, past_value.{i} -> logits, present_*."""
+    graph.inputs[0].name, graph.inputs[1].name = "input_ids", "past_len"
+    graph.outputs[0].name = "logits"
+    for i in range(layers):
+        graph.inputs[2 + 2 * i].name = f"past_key.{i}"
+        graph.inputs[3 + 2 * i].name = f"past_value.{i}"
+        graph.outputs[1 + 2 * i].name = f"present_key.{i}"
+        graph.outputs[2 + 2 * i].name = f"present_value.{i}"

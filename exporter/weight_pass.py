@@ -1,0 +1,138 @@
+"""Rewrite how the traced graph consumes its parameters, per precision, and plan their storage.
+
+The trace gives `MatMul(x, Transpose(W))` for every nn.Linear and `Gather(E, ids)` + `MatMul(h, Transpose(E))` for
+the tied embedding. Here:
+  - fp32: W is stored pre-transposed (no Transpose at run time); the lm_head becomes Gemm(transB=1) on E itself,
+    so the 262144-row table is stored once and ONNX Runtime never constant-folds a transposed copy.
+  - quantized: MatMulNBits on a block-quantized W; the embedding's packed table is shared by
+    GatherBlockQuantized (lookup) and MatMulNBits (lm_head): stored once.
+Every other parameter (norm weights) is stored as is.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from .lower_ort import MS_DOMAIN
+from .quantize import Precision, packed_shapes
+from .weights import Stored, WeightPlan
+
+PARAM_PREFIX = "model."  # DecoderStep.model
+EMBED = "text.embed_tokens.weight"
+
+
+def _node(graph: ir.Graph, anchor: ir.Node, domain: str, op: str, inputs, name: str, **attrs) -> ir.Node:
+    node = ir.Node(domain, op, inputs, ir.convenience.convert_attributes(attrs), name=name)
+    node.outputs[0].name = name
+    graph.insert_before(anchor, node)
+    return node
+
+
+def _const(graph: ir.Graph, anchor: ir.Node, name: str, values: list[int]) -> ir.Value:
+    tensor = ir.tensor(np.array(values, dtype=np.int64), name=name)
+    return _node(graph, anchor, "", "Constant", [], name, value=tensor).outputs[0]
+
+
+def _replace(graph: ir.Graph, old: ir.Node, new_output: ir.Value) -> None:
+    """Route old's single output to new_output (keeping its name and shape) and drop old."""
+    out = old.outputs[0]
+    name, shape, type_ = out.name, out.shape, out.type
+    out.name = f"{name}.replaced"
+    out.replace_all_uses_with(new_output, replace_graph_outputs=True)
+    new_output.name, new_output.shape, new_output.type = name, shape, type_
+    graph.remove(old, safe=True)
+
+
+def _matmuls_of(transpose: ir.Node) -> list[ir.Node]:
+    users = [user for user, _ in transpose.outputs[0].uses()]
+    if not users or any(u.op_type != "MatMul" for u in users):
+        raise ValueError(f"{transpose.name}: expected only MatMul consumers, got {[u.op_type for u in users]}")
+    return users
+
+
+def _quantized_entries(plan: WeightPlan, graph: ir.Graph, source: str, n: int, k: int, bits: int, block: int):
+    packed_shape, scales_shape = packed_shapes(n, k, bits, block)
+    packed = plan.add(graph, Stored(f"{source}.q{bits}", source, np.uint8, packed_shape,
+                                    lambda w: plan.quantized(source, bits, block, w)[0]))
+    scales = plan.add(graph, Stored(f"{source}.scales", source, np.float32, scales_shape,
+                                    lambda w: plan.quantized(source, bits, block, w)[1]))
+    return packed, scales
+
+
+def _linear(graph: ir.Graph, plan: WeightPlan, source: str, shape, transpose: ir.Node, p: Precision) -> None:
+    n, k = shape
+    if p.linear_bits is None:
+        weight_t = plan.add(graph, Stored(source, source, np.float32, (k, n), lambda w: w.T))
+        for matmul in _matmuls_of(transpose):
+            matmul.replace_input_with(1, weight_t)
+    else:
+        packed, scales = _quantized_entries(plan, graph, source, n, k, p.linear_bits, p.block_size)
+        for matmul in _matmuls_of(transpose):
+            new = _node(graph, matmul, MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], packed, scales],
+                        f"{source}.matmul", K=k, N=n, bits=p.linear_bits, block_size=p.block_size,
+                        accuracy_level=p.accuracy_level)
+            _replace(graph, matmul, new.outputs[0])
+    graph.remove(transpose, safe=True)
+
+
+def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Precision) -> None:
+    vocab, hidden = shape
+    users = [user for user, _ in value.uses()]
+    gathers = [u for u in users if u.op_type == "Gather"]
+    transposes = [u for u in users if u.op_type == "Transpose"]
+    if len(gathers) + len(transposes) != len(users):
+        raise ValueError(f"embedding used by unexpected ops {[u.op_type for u in users]}")
+    lm_heads = [m for t in transposes for m in _matmuls_of(t)]
+    if p.embed_bits is None:
+        table = plan.add(graph, Stored(EMBED, EMBED, np.float32, shape, lambda w: w))
+        for gather in gathers:
+            gather.replace_input_with(0, table)
+        for matmul in lm_heads:  # (B, S, H) -> (B*S, H) @ E^T -> (B, S, V)
+            flat = _node(graph, matmul, "", "Reshape", [matmul.inputs[0], _const(graph, matmul, "lm_head.flat_shape",
+                         [-1, hidden])], "lm_head.flatten").outputs[0]
+            gemm = _node(graph, matmul, "", "Gemm", [flat, table], "lm_head.gemm", transB=1).outputs[0]
+            batch_shape = _const(graph, matmul, "lm_head.out_shape", [1, -1, vocab])
+            _replace(graph, matmul, _node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
+    else:
+        bits, block = p.embed_bits, p.block_size
+        packed, scales = _quantized_entries(plan, graph, EMBED, vocab, hidden, bits, block)
+        # GatherBlockQuantized wants scales of the data's rank: the same bytes, seen as [V, k_blocks, 1]
+        scales3 = plan.add(graph, Stored(f"{EMBED}.scales3", EMBED, np.float32, (*scales.shape.numpy(), 1),
+                                         lambda w: w, alias_of=f"{EMBED}.scales"))
+        for gather in gathers:
+            looked_up = _node(graph, gather, MS_DOMAIN, "GatherBlockQuantized", [packed, gather.inputs[1], scales3],
+                              "embed.gather", bits=bits, block_size=block, gather_axis=0, quantize_axis=2)
+            merged = _node(graph, gather, "", "Reshape", [looked_up.outputs[0], _const(graph, gather,
+                           "embed.shape", [0, 0, hidden])], "embed.lookup")  # (B, S, k_blocks, block) -> (B, S, H)
+            _replace(graph, gather, merged.outputs[0])
+        for matmul in lm_heads:
+            new = _node(graph, matmul, MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], packed, scales], "lm_head",
+                        K=hidden, N=vocab, bits=bits, block_size=block, accuracy_level=p.accuracy_level)
+            _replace(graph, matmul, new.outputs[0])
+    for transpose in transposes:
+        graph.remove(transpose, safe=True)
+
+
+def plan_weights(model: ir.Model, precision: Precision, plan: WeightPlan, constants: dict[str, np.ndarray]) -> None:
+    """Rewrite parameter consumers for `precision` and add every initializer to `plan` (or embed constants)."""
+    graph = model.graph
+    for name, value in list(graph.initializers.items()):
+        if name in constants:
+            value.const_value = ir.tensor(np.asarray(constants[name]), name=name)
+            continue
+        if not name.startswith(PARAM_PREFIX):
+            raise ValueError(f"initializer {name} is neither a parameter nor a known constant")
+        source, shape = name[len(PARAM_PREFIX):], tuple(value.shape.numpy())
+        del graph.initializers[name]
+        if source == EMBED:
+            _embedding(graph, plan, value, shape, precision)
+            continue
+        users = [user for user, _ in value.uses()]
+        if len(users) == 1 and users[0].op_type == "Transpose" and len(shape) == 2:
+            _linear(graph, plan, source, shape, users[0], precision)
+        else:
+            stored = plan.add(graph, Stored(source, source, np.float32, shape, lambda w: w))
+            for user, index in list(value.uses()):
+                user.replace_input_with(index, stored)
+

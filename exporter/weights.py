@@ -1,0 +1,108 @@
+"""Weights: decide how each parameter is stored, then stream it from the checkpoint into external data.
+
+Planning happens on the graph alone (shapes are known from the config), so every initializer gets its final
+offset in `<graph>.data` before any weight is read. Writing then reads one checkpoint tensor at a time,
+transforms it (transpose or quantize) and writes it at its offset: peak memory stays near the largest tensor.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+from tqdm import tqdm
+
+from gemma3.graphs.loaders.checkpoint import Checkpoint
+
+from .quantize import quantize_blockwise
+
+ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
+
+
+@dataclass
+class Stored:
+    """One initializer in the data file: `make(source tensor) -> array` computes its bytes."""
+
+    name: str
+    source: str  # our parameter name in the checkpoint
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    make: Callable[[np.ndarray], np.ndarray]
+    offset: int = -1
+    alias_of: str | None = None  # same bytes as another entry, seen under another shape
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+
+@dataclass
+class WeightPlan:
+    location: str  # data file name, next to the graph
+    entries: dict[str, Stored] = field(default_factory=dict)
+    _quantized: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+
+    def add(self, graph: ir.Graph, entry: Stored) -> ir.Value:
+        """Register the initializer in the graph (data filled in by `layout`)."""
+        if entry.name in self.entries:
+            raise ValueError(f"initializer {entry.name} planned twice")
+        self.entries[entry.name] = entry
+        value = ir.Value(name=entry.name, shape=ir.Shape(entry.shape), type=ir.TensorType(_ir_dtype(entry.dtype)))
+        value.const_value = ir.ExternalTensor(
+            self.location, 0, entry.nbytes, _ir_dtype(entry.dtype), shape=ir.Shape(entry.shape), name=entry.name
+        )
+        graph.register_initializer(value)
+        return value
+
+    def quantized(self, source: str, bits: int, block: int, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pack once per (tensor, bits, block) even when several initializers need parts of the result."""
+        key = (source, bits, block)
+        if key not in self._quantized:
+            self._quantized = {key: quantize_blockwise(tensor, bits, block)}  # keep only the current tensor's
+        return self._quantized[key]
+
+    def layout(self, graph: ir.Graph, base_dir: str | os.PathLike) -> int:
+        """Assign page-aligned offsets in checkpoint-read order; returns the data file size."""
+        offset, placed = 0, {}
+        for entry in self.entries.values():
+            if entry.alias_of is not None:
+                continue
+            entry.offset = offset
+            placed[entry.name] = offset
+            offset += -(-entry.nbytes // ALIGN) * ALIGN
+        for entry in self.entries.values():
+            if entry.alias_of is not None:
+                entry.offset = placed[entry.alias_of]
+            value = graph.initializers[entry.name]
+            value.const_value = ir.ExternalTensor(
+                self.location, entry.offset, entry.nbytes, _ir_dtype(entry.dtype), shape=ir.Shape(entry.shape),
+                name=entry.name, base_dir=base_dir,
+            )
+        return offset
+
+    def write(self, checkpoint: Checkpoint, path: Path, size: int) -> None:
+        """Stream every planned tensor into `path`, one checkpoint tensor in memory at a time."""
+        by_source: dict[str, list[Stored]] = {}
+        for entry in self.entries.values():
+            if entry.alias_of is None:
+                by_source.setdefault(entry.source, []).append(entry)
+        with open(path, "wb") as f:
+            f.truncate(size)
+            for source, entries in tqdm(by_source.items(), desc="writing weights", unit="tensor", disable=None):
+                tensor = checkpoint.tensor(source).float().numpy()
+                for entry in entries:
+                    data = np.ascontiguousarray(entry.make(tensor), dtype=entry.dtype)
+                    if data.shape != entry.shape:
+                        raise AssertionError(f"{entry.name}: made {data.shape}, planned {entry.shape}")
+                    f.seek(entry.offset)
+                    f.write(data.tobytes())
+                del tensor
+        self._quantized.clear()
+
+
+def _ir_dtype(dtype: np.dtype) -> ir.DataType:
+    return ir.DataType.from_numpy(np.dtype(dtype))
