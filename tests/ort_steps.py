@@ -1,0 +1,39 @@
+"""A bare ONNX Runtime loop over an exported decoder (no runtime package): what the exporter tests drive."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+
+class Steps:
+    def __init__(self, folder: Path, graph: str = "decoder", global_capacity: int = 1024):
+        self.manifest = json.loads((folder / "manifest.json").read_text())
+        self.io = self.manifest[graph]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 2
+        self.session = ort.InferenceSession(str(folder / self.io["file"]), options, providers=["CPUExecutionProvider"])
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        model = self.manifest["model"]
+        self.cache = {}
+        for layer in self.io["layers"]:
+            rows = layer["capacity"] or global_capacity
+            for kind in ("key", "value"):
+                shape = (1, model["num_kv_heads"], rows, model["head_dim"])
+                self.cache[layer[f"past_{kind}"]] = np.zeros(shape, np.float32)
+        self.past = 0
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        """Feed ids (1, S) after the tokens fed so far; returns the logits the graph gives."""
+        feeds = {"input_ids": ids.astype(np.int64), "past_len": np.array(self.past, np.int64), **self.cache}
+        result = dict(zip(self.outputs, self.session.run(None, feeds)))
+        for layer in self.io["layers"]:
+            for kind in ("key", "value"):
+                present = result[layer[f"present_{kind}"]]
+                assert present.shape == self.cache[layer[f"past_{kind}"]].shape  # in-place compatible
+                self.cache[layer[f"past_{kind}"]] = present
+        self.past += ids.shape[1]
+        return result["logits"]
