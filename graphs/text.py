@@ -107,13 +107,15 @@ class TextDecoder(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(c, i) for i in range(c.num_layers))
         self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.rope = RotaryTables(c)
+        # HF: sqrt(hidden) as an fp32 scalar rounded to the weight dtype (bf16: 640 -> 25.25) before multiplying.
+        # Kept as Python floats per dtype so tracing sees a constant, not a tensor.
+        root = torch.tensor(c.hidden_size**0.5, dtype=torch.float32, device="cpu")
+        self.embed_scale = {dt: root.to(dt).item() for dt in (torch.float32, torch.float16, torch.bfloat16)}
 
     def embed(self, input_ids: torch.Tensor, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Scaled token embeddings; image soft-token rows replaced (unscaled) by `image_features` (N, hidden),
         taken in order of appearance, row-major over the batch (as transformers' masked_scatter)."""
-        weight = self.embed_tokens.weight
-        # HF: sqrt(hidden) as an fp32 scalar, rounded to the weight dtype (bf16: 640 -> 25.25) before multiplying
-        scale = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32).to(weight.dtype)
+        scale = self.embed_scale[self.embed_tokens.weight.dtype]
         image_token = self.config.image_token_id
         lookup = input_ids
         if image_token is not None and image_token >= self.config.vocab_size:
