@@ -51,29 +51,49 @@ def _matmuls_of(transpose: ir.Node) -> list[ir.Node]:
     return users
 
 
-def _quantized_entries(plan: WeightPlan, graph: ir.Graph, source: str, n: int, k: int, bits: int, block: int):
+def _quantized_entries(plan: WeightPlan, graph: ir.Graph, name: str, source, n: int, k: int, bits: int, block: int):
     packed_shape, scales_shape = packed_shapes(n, k, bits, block)
-    packed = plan.add(graph, Stored(f"{source}.q{bits}", source, np.uint8, packed_shape,
-                                    lambda w: plan.quantized(source, bits, block, w)[0]))
-    scales = plan.add(graph, Stored(f"{source}.scales", source, np.float32, scales_shape,
-                                    lambda w: plan.quantized(source, bits, block, w)[1]))
+    packed = plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape,
+                                    lambda w: plan.quantized(name, bits, block, w)[0]))
+    scales = plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape,
+                                    lambda w: plan.quantized(name, bits, block, w)[1]))
     return packed, scales
 
 
-def _linear(graph: ir.Graph, plan: WeightPlan, source: str, shape, transpose: ir.Node, p: Precision) -> None:
-    n, k = shape
+def _fused_name(sources: list[str]) -> str:
+    """text.layers.0.attn.{q,k,v}_proj.weight -> text.layers.0.attn.q_proj+k_proj+v_proj.weight"""
+    if len(sources) == 1:
+        return sources[0]
+    prefix = sources[0].rsplit(".", 2)[0]
+    return f"{prefix}.{'+'.join(s.rsplit('.', 2)[1] for s in sources)}.weight"
+
+
+def _linears(graph: ir.Graph, plan: WeightPlan, group: list[tuple[str, tuple[int, int], ir.Node]],
+             p: Precision) -> None:
+    """Projections reading the same input (q/k/v, gate/up) become one matmul over their stacked rows + Split:
+    half the kernel launches at decode, one read of the input."""
+    sources = [source for source, _, _ in group]
+    rows = [shape[0] for _, shape, _ in group]
+    n, k = sum(rows), group[0][1][1]
+    matmuls = [_matmuls_of(transpose)[0] for _, _, transpose in group]
+    anchor, name = matmuls[0], _fused_name(sources)
     if p.linear_bits is None:
-        weight_t = plan.add(graph, Stored(source, source, np.float32, (k, n), lambda w: w.T))
-        for matmul in _matmuls_of(transpose):
-            matmul.replace_input_with(1, weight_t)
+        weight_t = plan.add(graph, Stored(name, tuple(sources), np.float32, (k, n), lambda w: w.T))
+        fused = _node(graph, anchor, "", "MatMul", [anchor.inputs[0], weight_t], f"{name}.matmul")
     else:
-        packed, scales = _quantized_entries(plan, graph, source, n, k, p.linear_bits, p.block_size)
-        for matmul in _matmuls_of(transpose):
-            new = _node(graph, matmul, MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], packed, scales],
-                        f"{source}.matmul", K=k, N=n, bits=p.linear_bits, block_size=p.block_size,
-                        accuracy_level=p.accuracy_level)
-            _replace(graph, matmul, new.outputs[0])
-    graph.remove(transpose, safe=True)
+        packed, scales = _quantized_entries(plan, graph, name, tuple(sources), n, k, p.linear_bits, p.block_size)
+        fused = _node(graph, anchor, MS_DOMAIN, "MatMulNBits", [anchor.inputs[0], packed, scales], f"{name}.matmul",
+                      K=k, N=n, bits=p.linear_bits, block_size=p.block_size, accuracy_level=p.accuracy_level)
+    if len(group) == 1:
+        _replace(graph, anchor, fused.outputs[0])
+    else:
+        split = ir.Node("", "Split", [fused.outputs[0], _const(graph, anchor, f"{name}.rows", rows)],
+                        ir.convenience.convert_attributes({"axis": -1}), num_outputs=len(group), name=f"{name}.split")
+        graph.insert_before(anchor, split)
+        for matmul, part in zip(matmuls, split.outputs):
+            _replace(graph, matmul, part)
+    for _, _, transpose in group:
+        graph.remove(transpose, safe=True)
 
 
 def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Precision) -> None:
@@ -96,7 +116,7 @@ def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Pre
             _replace(graph, matmul, _node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
     else:
         bits, block = p.embed_bits, p.block_size
-        packed, scales = _quantized_entries(plan, graph, EMBED, vocab, hidden, bits, block)
+        packed, scales = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block)
         # GatherBlockQuantized wants scales of the data's rank: the same bytes, seen as [V, k_blocks, 1]
         scales3 = plan.add(graph, Stored(f"{EMBED}.scales3", EMBED, np.float32, (*scales.shape.numpy(), 1),
                                          lambda w: w, alias_of=f"{EMBED}.scales"))
@@ -117,6 +137,7 @@ def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Pre
 def plan_weights(model: ir.Model, precision: Precision, plan: WeightPlan, constants: dict[str, np.ndarray]) -> None:
     """Rewrite parameter consumers for `precision` and add every initializer to `plan` (or embed constants)."""
     graph = model.graph
+    by_input: dict[ir.Value, list[tuple[str, tuple[int, int], ir.Node]]] = {}  # projections grouped by their input
     for name, value in list(graph.initializers.items()):
         if name in constants:
             value.const_value = ir.tensor(np.asarray(constants[name]), name=name)
@@ -130,9 +151,11 @@ def plan_weights(model: ir.Model, precision: Precision, plan: WeightPlan, consta
             continue
         users = [user for user, _ in value.uses()]
         if len(users) == 1 and users[0].op_type == "Transpose" and len(shape) == 2:
-            _linear(graph, plan, source, shape, users[0], precision)
+            transpose = users[0]
+            by_input.setdefault(_matmuls_of(transpose)[0].inputs[0], []).append((source, shape, transpose))
         else:
             stored = plan.add(graph, Stored(source, source, np.float32, shape, lambda w: w))
             for user, index in list(value.uses()):
                 user.replace_input_with(index, stored)
-
+    for group in by_input.values():
+        _linears(graph, plan, group, precision)

@@ -28,7 +28,7 @@ class Stored:
     """One initializer in the data file: `make(source tensor) -> array` computes its bytes."""
 
     name: str
-    source: str  # our parameter name in the checkpoint
+    source: str | tuple[str, ...]  # our parameter name(s) in the checkpoint; several are stacked along rows
     dtype: np.dtype
     shape: tuple[int, ...]
     make: Callable[[np.ndarray], np.ndarray]
@@ -86,14 +86,17 @@ class WeightPlan:
 
     def write(self, checkpoint: Checkpoint, path: Path, size: int) -> None:
         """Stream every planned tensor into `path`, one checkpoint tensor in memory at a time."""
-        by_source: dict[str, list[Stored]] = {}
+        by_source: dict[str | tuple[str, ...], list[Stored]] = {}
         for entry in self.entries.values():
             if entry.alias_of is None:
                 by_source.setdefault(entry.source, []).append(entry)
         with open(path, "wb") as f:
             f.truncate(size)
             for source, entries in tqdm(by_source.items(), desc="writing weights", unit="tensor", disable=None):
-                tensor = checkpoint.tensor(source).float().numpy()
+                if isinstance(source, str):
+                    tensor = checkpoint.tensor(source).float().numpy()
+                else:  # fused projections: their rows stacked in order
+                    tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
                 for entry in entries:
                     data = np.ascontiguousarray(entry.make(tensor), dtype=entry.dtype)
                     if data.shape != entry.shape:
