@@ -55,28 +55,44 @@ def packed_shapes(n: int, k: int, bits: int, block_size: int) -> tuple[tuple[int
     return (n, k_blocks, block_size * bits // 8), (n, k_blocks)
 
 
+ROWS_PER_CHUNK = 4096  # quantize a few MB of rows at a time: temporaries stay small next to the weight itself
+
+
 def quantize_blockwise(weight: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """weight [N, K] (nn.Linear layout) -> packed uint8 [N, k_blocks, blob], fp32 scales [N, k_blocks]."""
+    if bits not in (4, 8):
+        raise ValueError(f"{bits}-bit weights are not supported (4 or 8)")
     n, k = weight.shape
     packed_shape, scales_shape = packed_shapes(n, k, bits, block_size)
-    k_padded = packed_shape[1] * block_size
-    if bits == 8:
-        blocks = np.zeros((n, k_padded), dtype=np.float32)
-        blocks[:, :k] = weight
-        blocks = blocks.reshape(n, -1, block_size)
-        scales = np.abs(blocks).max(axis=-1) / 127.0
-        safe = np.where(scales == 0, 1.0, scales)
-        q = np.clip(np.rint(blocks / safe[:, :, None]), -127, 127) + 128
-        return q.astype(np.uint8), scales.astype(np.float32)
-    if bits != 4:
-        raise ValueError(f"{bits}-bit weights are not supported (4 or 8)")
+    packed = np.empty(packed_shape, dtype=np.uint8)
+    scales = np.empty(scales_shape, dtype=np.float32)
+    quantize_rows = _rows_8bit if bits == 8 else _rows_4bit
+    for start in range(0, n, ROWS_PER_CHUNK):  # blocks run along K inside a row, so row chunks are exact
+        rows = slice(start, min(start + ROWS_PER_CHUNK, n))
+        packed[rows], scales[rows] = quantize_rows(weight[rows], packed_shape[1] * block_size, block_size)
+    return packed, scales
+
+
+def _rows_8bit(weight: np.ndarray, k_padded: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    n, k = weight.shape
+    blocks = np.zeros((n, k_padded), dtype=np.float32)
+    blocks[:, :k] = weight
+    blocks = blocks.reshape(n, -1, block_size)
+    scales = np.abs(blocks).max(axis=-1) / 127.0
+    blocks /= np.where(scales == 0, 1.0, scales)[:, :, None]
+    return (np.clip(np.rint(blocks), -127, 127) + 128).astype(np.uint8), scales
+
+
+def _rows_4bit(weight: np.ndarray, k_padded: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
+    n, k = weight.shape
+    packed_shape, scales_shape = packed_shapes(n, k_padded, 4, block_size)
     columns = np.zeros((k_padded, n), dtype=np.float32)  # the kernel reads K-major (the MatMul's B layout)
     columns[:k] = weight.T
     packed = np.zeros(packed_shape, dtype=np.uint8)
     scales = np.zeros(scales_shape, dtype=np.float32)
-    zero_points = np.zeros((n, -(-packed_shape[1] * bits // 8)), dtype=np.uint8)  # unused when symmetric
+    zero_points = np.zeros((n, -(-packed_shape[1] // 2)), dtype=np.uint8)  # unused when symmetric
     quantize_matmul_4bits(packed, columns, scales, zero_points, block_size, n, k_padded, True)
     return packed, scales
 

@@ -29,4 +29,4 @@ class RandomCheckpoint(Checkpoint):
     def tensor(self, name: str) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         std = 0.1 if name.endswith("norm.weight") else 0.02  # norms are zero-centred: 1 + w near 1
-        return torch.randn(self._shapes[name], generator=generator) * std
+        return torch.randn(self._shapes[name], generator=generator).mul_(std)  # in place: one copy in memory
