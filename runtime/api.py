@@ -1,0 +1,205 @@
+"""The Python API: `load` an exported folder, then `generate`, `stream` or `chat`.
+
+    model = load("out/gemma-3-270m-it")
+    print(model.generate("Why is the sky blue?", max_new_tokens=64).text)
+    for piece in model.stream([{"role": "user", "content": "Hi"}], temperature=0):
+        print(piece, end="", flush=True)
+    chat = model.chat(system="Answer briefly.")
+    chat.send("Name a prime.")  # prefills the whole template
+    chat.send("Another one?")  # prefills only `<end_of_turn>\\n<start_of_turn>user\\n...`: the cache is kept
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from gemma3.runtime.chat import Message, next_user_turn_ids, raw_prompt_ids, render_chat
+from gemma3.runtime.generate import GenerationStats, Piece, check_prompt, generate
+from gemma3.runtime.kv_cache import KVCache
+from gemma3.runtime.manifest import Manifest, ManifestError, load_manifest, require_file
+from gemma3.runtime.ort_decoder import DEFAULT_CHUNK, OrtDecoder
+from gemma3.runtime.sampling import SamplingParams, make_rng
+from gemma3.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_NEW_TOKENS = 512
+Prompt = str | Sequence[Message]
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]  # generated ids, without the stop token
+    stats: GenerationStats
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.stats.finish_reason
+
+    def as_dict(self) -> dict[str, Any]:
+        s = self.stats
+        return {
+            "text": self.text, "token_ids": self.token_ids, "finish_reason": s.finish_reason,
+            "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+            "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
+            "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
+            "peak_rss_mb": round(s.peak_rss_mb, 1), "kv_cache_bytes": s.kv_cache_bytes,
+        }
+
+
+class Stream:
+    """Iterate for the text pieces as they are generated; `result` is set once the iteration ends."""
+
+    def __init__(self, pieces: Iterator[Piece], stats: GenerationStats, on_done: Callable[[Result], None] | None):
+        self._pieces, self._stats, self._on_done = pieces, stats, on_done
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        ids: list[int] = []
+        text: list[str] = []
+        try:
+            for piece in self._pieces:
+                if piece.token_id is not None:
+                    ids.append(piece.token_id)
+                if piece.text:
+                    text.append(piece.text)
+                    yield piece.text
+        finally:
+            self._pieces.close()  # sets finish_reason "cancelled" if the consumer stopped early
+            self.result = Result("".join(text), ids, self._stats)
+            if self._on_done is not None:
+                self._on_done(self.result)
+
+    def consume(self) -> Result:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Model:
+    """An exported model on ONNX Runtime: its manifest, tokenizer and decoder session."""
+
+    def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: OrtDecoder) -> None:
+        self.manifest, self.tokenizer, self.decoder = manifest, tokenizer, decoder
+        known = {f.name for f in fields(SamplingParams)}
+        shipped = {k: v for k, v in manifest.generation_defaults.items() if k in known}
+        if "top_k" in shipped:
+            shipped["top_k"] = int(shipped["top_k"])
+        self.defaults = SamplingParams().updated(shipped)
+
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        """The checkpoint's sampling defaults with `overrides` applied (None values keep the default)."""
+        return self.defaults.updated(overrides)
+
+    def prompt_ids(self, prompt: Prompt, system: str | None = None, raw: bool = False) -> list[int]:
+        """A text prompt through the chat template (or raw, after <bos>), or a list of chat messages."""
+        if isinstance(prompt, str):
+            if raw:
+                if system is not None:
+                    raise ValueError("a system prompt needs the chat template (drop raw)")
+                return raw_prompt_ids(self.tokenizer, prompt)
+            messages: list[Message] = [{"role": "system", "content": system}] if system is not None else []
+            return render_chat(self.tokenizer, [*messages, {"role": "user", "content": prompt}])
+        if raw or system is not None:
+            raise ValueError("raw and system apply to text prompts; put a system message in the list instead")
+        return render_chat(self.tokenizer, prompt)
+
+    def _run(self, cache: KVCache, ids: list[int], params: SamplingParams, max_new_tokens: int,
+             history: Sequence[int] = (), on_done: Callable[[Result], None] | None = None,
+             rng: np.random.Generator | None = None) -> Stream:
+        check_prompt(cache, len(ids))  # before anything runs, so errors surface at the call
+        stats = GenerationStats()
+        pieces = generate(self.decoder, cache, ids, params, max_new_tokens, stream=self.tokenizer.stream(),
+                          history=history, rng=rng, stats=stats)
+        return Stream(pieces, stats, on_done)
+
+    def stream(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **sampling: Any) -> Stream:
+        """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`."""
+        params = self.sampling(**sampling)
+        ids = self.prompt_ids(prompt, system, raw)
+        return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens)
+
+    def generate(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **sampling: Any) -> Result:
+        return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, **sampling).consume()
+
+    def chat(self, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+             **sampling: Any) -> ChatSession:
+        return ChatSession(self, system, self.sampling(**sampling), max_new_tokens)
+
+
+class ChatSession:
+    """A multi-turn conversation that keeps its KV cache: each turn prefills only its new tokens."""
+
+    def __init__(self, model: Model, system: str | None, params: SamplingParams, max_new_tokens: int) -> None:
+        self.model, self.system, self.params, self.max_new_tokens = model, system, params, max_new_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (and its cache); the system text and sampling settings stay."""
+        self.cache: KVCache | None = None
+        self._last: Stream | None = None
+        self._rng = make_rng(self.params.seed)  # one random stream for the whole conversation
+        self.tokens: list[int] = []  # the whole conversation; tokens[cache.length:] are generated but not yet fed
+        self.messages: list[dict[str, str]] = []
+        if self.system is not None:
+            self.messages.append({"role": "system", "content": self.system})
+
+    def stream(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> Stream:
+        """Send a user message; iterate the returned `Stream` for the reply's text pieces."""
+        if self._last is not None and self._last.result is None:
+            raise RuntimeError("iterate the previous reply's stream to its end before sending another message")
+        params = self.params.updated(sampling)
+        rng = make_rng(params.seed) if "seed" in sampling else self._rng
+        tok = self.model.tokenizer
+        first = self.cache is None
+        if first:
+            new = next_user_turn_ids(tok, text, self.system, first=True)
+            cache = self.model.decoder.new_cache(len(new) + 1)
+        else:
+            new = next_user_turn_ids(tok, text)
+            cache = self.cache
+        fed = cache.length
+        feed = self.tokens[fed:] + new  # the last reply's unfed token(s), then the new turn
+        limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        stream = self.model._run(cache, feed, params, limit, history=self.tokens[:fed], on_done=self._finish, rng=rng)
+        self.cache, self._last = cache, stream
+        self.tokens += new
+        self.messages.append({"role": "user", "content": text})
+        return stream
+
+    def _finish(self, result: Result) -> None:
+        self.tokens += result.token_ids
+        self.messages.append({"role": "model", "content": result.text})
+
+    def send(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> Result:
+        return self.stream(text, max_new_tokens, **sampling).consume()
+
+
+def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> Model:
+    """Open an exported model folder (manifest.json, decoder.onnx, tokenizer.model) for generation."""
+    manifest = load_manifest(model_dir)
+    if manifest.target != "ort":
+        raise ManifestError(f"{manifest.root} was exported for target {manifest.target!r}; this runtime runs 'ort'")
+    tokenizer = Tokenizer.from_file(require_file(manifest.tokenizer, "tokenizer model"))
+    if tokenizer.vocab_size > manifest.model.vocab_size:
+        raise ManifestError(
+            f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {manifest.model.vocab_size} rows"
+        )
+    decoder = OrtDecoder(manifest, threads=threads, chunk_size=chunk_size)
+    return Model(manifest, tokenizer, decoder)
+
+
+def sampling_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling parameters among `values` that were given (not None)."""
+    names = {f.name for f in fields(SamplingParams)}
+    return {k: v for k, v in values.items() if k in names and v is not None}

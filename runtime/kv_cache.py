@@ -1,0 +1,147 @@
+"""The hybrid KV cache: fixed windowed buffers for local layers, growing buffers for global layers.
+
+Every cache tensor is [1, kv_heads, C, head_dim] (BNSH, GroupQueryAttention's layout).
+- Local layers: C is the manifest's fixed capacity (>= the window). The op keeps the most recent positions in
+  rows [0, L) and compacts internally; the runtime never reads or moves their contents.
+- Global layers: row j holds position j, so C must be >= past_len + S for a step of S tokens. They start small
+  and grow by doubling (capped at max_context); growing copies rows [0, past_len) once into the new buffer.
+
+Each buffer is a numpy array wrapped (not copied) by an `OrtValue`; the decoder binds that same OrtValue as the
+layer's past input and present output, so the op updates the cache in place: no copy per token.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from gemma3.runtime.manifest import GLOBAL, DecoderSpec
+
+log = logging.getLogger(__name__)
+
+DEFAULT_GLOBAL_CAPACITY = 256  # rows a global cache starts with unless told otherwise
+CAPACITY_ALIGN = 256  # global capacities are rounded up to a multiple of this (then capped at max_context)
+
+
+class ContextLengthError(ValueError):
+    """The conversation would not fit in the exported context (max_context tokens)."""
+
+
+@dataclass
+class _Buffer:
+    array: np.ndarray  # [1, kv_heads, C, head_dim]; the memory the OrtValue wraps
+    value: ort.OrtValue
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], dtype: np.dtype) -> _Buffer:
+        array = np.zeros(shape, dtype=dtype)
+        return cls(array, ort.OrtValue.ortvalue_from_numpy(array))
+
+
+@dataclass
+class _LayerCache:
+    kind: str
+    names: tuple[str, str, str, str]  # past_key, past_value, present_key, present_value
+    key: _Buffer
+    value: _Buffer
+
+    @property
+    def capacity(self) -> int:
+        return self.key.array.shape[2]
+
+
+def round_capacity(rows: int, max_context: int) -> int:
+    """`rows` rounded up to the allocation granularity, capped at max_context."""
+    return min(max_context, -(-max(rows, 1) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
+
+
+class KVCache:
+    """All layers' cache buffers and the number of positions they hold (`length`)."""
+
+    def __init__(
+        self,
+        spec: DecoderSpec,
+        num_kv_heads: int,
+        head_dim: int,
+        max_context: int,
+        initial_capacity: int = DEFAULT_GLOBAL_CAPACITY,
+    ) -> None:
+        self.max_context = max_context
+        self.length = 0  # positions already in the cache: the next step's past_len
+        self.version = 0  # bumped whenever a buffer is replaced, so bindings know to refresh
+        self._shape = (1, num_kv_heads, head_dim)
+        self._dtype = np.dtype(spec.cache_dtype)
+        global_capacity = round_capacity(initial_capacity, max_context)
+        self.layers: list[_LayerCache] = []
+        for layer in spec.layers:
+            capacity = global_capacity if layer.kind == GLOBAL else layer.capacity
+            names = (layer.past_key, layer.past_value, layer.present_key, layer.present_value)
+            self.layers.append(_LayerCache(layer.kind, names, self._zeros(capacity), self._zeros(capacity)))
+
+    def _zeros(self, capacity: int) -> _Buffer:
+        b, h, d = self._shape
+        return _Buffer.zeros((b, h, capacity, d), self._dtype)
+
+    @property
+    def global_capacity(self) -> int | None:
+        """Rows of the global caches (None for a model without global layers)."""
+        caps = [layer.capacity for layer in self.layers if layer.kind == GLOBAL]
+        return caps[0] if caps else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of cache memory currently allocated (keys and values of every layer)."""
+        return sum(layer.key.array.nbytes + layer.value.array.nbytes for layer in self.layers)
+
+    def check_room(self, new_tokens: int) -> None:
+        """Raise `ContextLengthError` unless `new_tokens` more positions fit in max_context."""
+        if self.length + new_tokens > self.max_context:
+            raise ContextLengthError(
+                f"{self.length} tokens in context + {new_tokens} new would exceed the model's "
+                f"context of {self.max_context} tokens"
+            )
+
+    def reserve(self, new_tokens: int) -> bool:
+        """Make the global caches hold `length + new_tokens` rows; True if buffers were reallocated."""
+        self.check_room(new_tokens)
+        needed = self.length + new_tokens
+        current = self.global_capacity
+        if current is None or needed <= current:
+            return False
+        capacity = current
+        while capacity < needed:
+            capacity *= 2
+        capacity = min(round_capacity(capacity, self.max_context), self.max_context)
+        log.debug("growing global KV caches from %d to %d rows (%d in use)", current, capacity, self.length)
+        for layer in self.layers:
+            if layer.kind != GLOBAL:
+                continue
+            for attr in ("key", "value"):
+                old: _Buffer = getattr(layer, attr)
+                new = self._zeros(capacity)
+                new.array[:, :, : self.length] = old.array[:, :, : self.length]
+                setattr(layer, attr, new)
+        self.version += 1
+        return True
+
+    def advance(self, new_tokens: int) -> None:
+        """Record that a step wrote `new_tokens` positions."""
+        self.length += new_tokens
+
+    def bindings(self) -> Iterator[tuple[str, str, ort.OrtValue]]:
+        """(input name, output name, OrtValue) for every cache tensor: the same value on both sides."""
+        for layer in self.layers:
+            past_key, past_value, present_key, present_value = layer.names
+            yield past_key, present_key, layer.key.value
+            yield past_value, present_value, layer.value.value
+
+    def key_array(self, layer: int) -> np.ndarray:
+        """The numpy view of a layer's key buffer (for inspection and tests)."""
+        return self.layers[layer].key.array
+
+    def value_array(self, layer: int) -> np.ndarray:
+        return self.layers[layer].value.array

@@ -1,0 +1,216 @@
+"""The exported model folder's `manifest.json`, read and checked into small dataclasses.
+
+The exporter writes it next to `decoder.onnx` and `tokenizer.model`; the runtime reads nothing else to know
+the model's shape, the graph's input/output names and the cache layout. Every problem is reported as a
+`ManifestError` naming the folder and the offending key, so command-line tools can print one clear line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT_VERSION = 1  # the manifest layout this runtime reads
+MANIFEST_FILE = "manifest.json"
+LOCAL, GLOBAL = "local", "global"  # layer kinds, as in gemma3.graphs.config (not imported: no torch here)
+CACHE_DTYPES = ("float32", "float16")  # numpy names of the cache element types the runtime can allocate
+
+
+class ManifestError(ValueError):
+    """The model folder or its manifest is missing, malformed or not something this runtime can run."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The parts of the exported `Gemma3Config` the runtime needs; the whole dict stays in `config`."""
+
+    name: str  # preset name or where the config came from
+    vocab_size: int  # logits width
+    num_layers: int  # decoder layers (one cache pair each)
+    num_kv_heads: int  # cache dim 1
+    head_dim: int  # cache dim 3
+    sliding_window: int  # W of the local layers
+    max_position_embeddings: int  # the checkpoint's longest context
+    bos_token_id: int = 2
+    eos_token_id: int = 1
+    pad_token_id: int = 0
+    image_token_id: int | None = None  # None for text-only exports
+    config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LayerCache:
+    """One layer's cache: its kind, its window and the graph names of its four cache tensors."""
+
+    kind: str  # LOCAL or GLOBAL
+    window: int  # W for local layers, 0 for global layers
+    capacity: int | None  # fixed rows of a local cache (>= window); None: the runtime sizes global caches
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """One decoder graph and its IO contract."""
+
+    file: Path  # absolute path of the .onnx file
+    logits: str  # "last": logits [1, 1, vocab]; "all": logits [1, S, vocab]
+    input_ids: str  # int64 [1, S]
+    past_len: str  # int64 scalar: tokens already in the cache
+    logits_output: str
+    cache_dtype: str  # numpy dtype name of every cache tensor
+    layers: tuple[LayerCache, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    root: Path  # the model folder
+    format_version: int
+    model: ModelInfo
+    precision: str  # "fp32", "int4", ...
+    target: str  # "ort" for this runtime
+    max_context: int  # the longest conversation (prompt + generated tokens) the export supports
+    decoder: DecoderSpec
+    eval_decoder: DecoderSpec | None  # all-position logits, for perplexity; optional
+    tokenizer: Path  # absolute path of the SentencePiece model
+    generation_defaults: dict[str, float]  # sampling defaults shipped with the checkpoint
+    source: dict[str, Any] = field(default_factory=dict)
+    versions: dict[str, Any] = field(default_factory=dict)
+
+
+class _Reader:
+    """Typed access to nested JSON with errors that name the key path."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def fail(self, message: str) -> ManifestError:
+        return ManifestError(f"{self.where}: {message}")
+
+    def get(self, obj: dict[str, Any], key: str, path: str, kind: type | tuple[type, ...], optional: bool = False):
+        if not isinstance(obj, dict):
+            raise self.fail(f"{path or 'top level'} must be an object")
+        full = f"{path}.{key}" if path else key
+        if key not in obj or obj[key] is None:
+            if optional:
+                return None
+            raise self.fail(f"missing key '{full}'")
+        value = obj[key]
+        if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+            raise self.fail(f"'{full}' must be {_kind_name(kind)}, got {value!r}")
+        if not isinstance(value, kind):
+            raise self.fail(f"'{full}' must be {_kind_name(kind)}, got {value!r}")
+        return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = {int: "an integer", str: "a string", dict: "an object", list: "a list", float: "a number"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _layer(r: _Reader, d: dict[str, Any], path: str) -> LayerCache:
+    kind = r.get(d, "kind", path, str)
+    if kind not in (LOCAL, GLOBAL):
+        raise r.fail(f"'{path}.kind' must be '{LOCAL}' or '{GLOBAL}', got {kind!r}")
+    window = r.get(d, "window", path, int)
+    capacity = r.get(d, "capacity", path, int, optional=True)
+    if kind == LOCAL:
+        if window <= 0:
+            raise r.fail(f"'{path}.window' of a local layer must be positive, got {window}")
+        if capacity is None or capacity < window:
+            raise r.fail(f"'{path}.capacity' of a local layer must be an integer >= its window {window}")
+    names = {k: r.get(d, k, path, str) for k in ("past_key", "past_value", "present_key", "present_value")}
+    return LayerCache(kind=kind, window=window, capacity=capacity if kind == LOCAL else None, **names)
+
+
+def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: int) -> DecoderSpec:
+    file = root / r.get(d, "file", path, str)
+    logits = r.get(d, "logits", path, str)
+    if logits not in ("last", "all"):
+        raise r.fail(f"'{path}.logits' must be 'last' or 'all', got {logits!r}")
+    cache_dtype = r.get(d, "cache_dtype", path, str)
+    if cache_dtype not in CACHE_DTYPES:
+        raise r.fail(f"'{path}.cache_dtype' {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    layers = r.get(d, "layers", path, list)
+    if len(layers) != num_layers:
+        raise r.fail(f"'{path}.layers' lists {len(layers)} layers, the model has {num_layers}")
+    return DecoderSpec(
+        file=file,
+        logits=logits,
+        input_ids=r.get(d, "input_ids", path, str),
+        past_len=r.get(d, "past_len", path, str),
+        logits_output=r.get(d, "logits_output", path, str),
+        cache_dtype=cache_dtype,
+        layers=tuple(_layer(r, layer, f"{path}.layers[{i}]") for i, layer in enumerate(layers)),
+    )
+
+
+def _model(r: _Reader, d: dict[str, Any]) -> ModelInfo:
+    ints = ("vocab_size", "num_layers", "num_kv_heads", "head_dim", "sliding_window", "max_position_embeddings")
+    values = {k: r.get(d, k, "model", int) for k in ints}
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        values[k] = r.get(d, k, "model", int, optional=True)
+        if values[k] is None:
+            del values[k]  # Gemma's fixed ids are the defaults
+    return ModelInfo(
+        name=str(d.get("name", "custom")),
+        image_token_id=r.get(d, "image_token_id", "model", int, optional=True),
+        config=dict(d),
+        **values,
+    )
+
+
+def load_manifest(model_dir: str | os.PathLike) -> Manifest:
+    """Read and check `model_dir/manifest.json`; raise `ManifestError` with a one-line reason otherwise."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        raise ManifestError(f"model folder {str(root)!r} does not exist or is not a folder")
+    path = root / MANIFEST_FILE
+    if not path.is_file():
+        raise ManifestError(f"no {MANIFEST_FILE} in {str(root)!r}: is this a folder written by gemma3-export?")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManifestError(f"{path}: cannot read it as JSON ({e})") from None
+    r = _Reader(str(path))
+    if not isinstance(data, dict):
+        raise r.fail("the top level must be a JSON object")
+    version = r.get(data, "format_version", "", int)
+    if version != FORMAT_VERSION:
+        raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
+    model = _model(r, r.get(data, "model", "", dict))
+    max_context = r.get(data, "max_context", "", int)
+    if max_context < 2:
+        raise r.fail(f"'max_context' must be at least 2, got {max_context}")
+    eval_dict = r.get(data, "eval_decoder", "", dict, optional=True)
+    defaults = r.get(data, "generation_defaults", "", dict, optional=True) or {}
+    for k, v in defaults.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise r.fail(f"'generation_defaults.{k}' must be a number, got {v!r}")
+    return Manifest(
+        root=root,
+        format_version=version,
+        model=model,
+        precision=r.get(data, "precision", "", str),
+        target=r.get(data, "target", "", str),
+        max_context=max_context,
+        decoder=_decoder(r, root, r.get(data, "decoder", "", dict), "decoder", model.num_layers),
+        eval_decoder=None if eval_dict is None else _decoder(r, root, eval_dict, "eval_decoder", model.num_layers),
+        tokenizer=root / r.get(data, "tokenizer", "", str),
+        generation_defaults=dict(defaults),
+        source=r.get(data, "source", "", dict, optional=True) or {},
+        versions=r.get(data, "versions", "", dict, optional=True) or {},
+    )
+
+
+def require_file(path: Path, what: str) -> Path:
+    """`path` if it exists, else a `ManifestError` saying which part of the export is missing."""
+    if not path.is_file():
+        raise ManifestError(f"the {what} {str(path)!r} named by {MANIFEST_FILE} is missing")
+    return path

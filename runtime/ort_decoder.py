@@ -1,0 +1,140 @@
+"""An ONNX Runtime session over an exported decoder graph, stepping over a `KVCache` with IO binding.
+
+One step feeds `input_ids` [1, S] and `past_len` (the cache's length) and returns logits. Each layer's cache
+OrtValue is bound as both its past input and its present output, so the graph updates it in place; the
+bindings are only refreshed when the cache replaces a buffer (global growth). Prompts are fed in chunks of at
+most `chunk_size` tokens, which bounds activation memory and gives the same final logits as one big step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import onnxruntime as ort
+
+from gemma3.runtime.kv_cache import KVCache, round_capacity
+from gemma3.runtime.manifest import DecoderSpec, Manifest, ManifestError, require_file
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK = 256  # prefill tokens per step
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or available_cores()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return opts
+
+
+class OrtDecoder:
+    """One decoder graph (the manifest's `decoder` or `eval_decoder`) on the CPU execution provider."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        spec: DecoderSpec | None = None,
+        threads: int | None = None,
+        chunk_size: int = DEFAULT_CHUNK,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.manifest = manifest
+        self.spec = spec or manifest.decoder
+        self.chunk_size = chunk_size
+        self.threads = threads or available_cores()
+        path = require_file(self.spec.file, "decoder graph")
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
+            )
+        except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+            raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
+        self._check_io()
+        self._binding = self.session.io_binding()
+        self._bound: tuple[int, int] | None = None  # (id of the cache, its version) currently bound
+        vocab = manifest.model.vocab_size
+        # "last" graphs always return [1, 1, vocab]: one preallocated output, reused by every step.
+        self._logits = np.zeros((1, 1, vocab), np.float32) if self.spec.logits == "last" else None
+        self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits) if self._logits is not None else None
+        log.info("loaded %s (%d threads, logits: %s)", path.name, self.threads, self.spec.logits)
+
+    def _check_io(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        want_in = {self.spec.input_ids, self.spec.past_len}
+        want_out = {self.spec.logits_output}
+        for layer in self.spec.layers:
+            want_in |= {layer.past_key, layer.past_value}
+            want_out |= {layer.present_key, layer.present_value}
+        missing = sorted(want_in - inputs) + sorted(want_out - outputs)
+        if missing:
+            raise ManifestError(f"{self.spec.file.name} lacks the inputs/outputs {', '.join(missing)} of its manifest")
+
+    def new_cache(self, expected_tokens: int = 0) -> KVCache:
+        """An empty cache whose global layers start with room for `expected_tokens` (rounded up)."""
+        m = self.manifest
+        return KVCache(
+            self.spec,
+            m.model.num_kv_heads,
+            m.model.head_dim,
+            m.max_context,
+            initial_capacity=round_capacity(expected_tokens, m.max_context),
+        )
+
+    def _bind_cache(self, cache: KVCache) -> None:
+        if self._bound == (id(cache), cache.version):
+            return
+        for past, present, value in cache.bindings():
+            self._binding.bind_ortvalue_input(past, value)
+            self._binding.bind_ortvalue_output(present, value)
+        self._bound = (id(cache), cache.version)
+
+    def step(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Run the graph over `ids` at past_len = cache.length, advance the cache, return the logits.
+
+        The logits are [vocab] for the last position ("last" graphs) or [S, vocab] ("all" graphs), float32,
+        owned by the caller.
+        """
+        ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
+        n = ids.shape[1]
+        if n == 0:
+            raise ValueError("a decoder step needs at least one token")
+        cache.reserve(n)
+        self._bind_cache(cache)
+        b = self._binding
+        b.bind_cpu_input(self.spec.input_ids, ids)
+        b.bind_cpu_input(self.spec.past_len, np.array(cache.length, dtype=np.int64))
+        if self._logits_value is not None:
+            logits, value = self._logits, self._logits_value
+        else:  # "all": a fresh [1, S, vocab] buffer the caller keeps
+            logits = np.empty((1, n, self.manifest.model.vocab_size), np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(logits)
+        b.bind_ortvalue_output(self.spec.logits_output, value)
+        self.session.run_with_iobinding(b)
+        cache.advance(n)
+        return logits[0, -1].copy() if logits is self._logits else logits[0]
+
+    def prefill(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Feed `ids` in chunks of at most `chunk_size`; the logits of the last chunk's step."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("nothing to prefill")
+        cache.check_room(ids.size)  # fail before running anything
+        cache.reserve(ids.size)  # grow once for the whole prompt, not chunk by chunk
+        logits = None
+        for start in range(0, ids.size, self.chunk_size):
+            logits = self.step(cache, ids[start : start + self.chunk_size])
+        return logits
