@@ -48,8 +48,7 @@ class DecoderStep(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, cache: list[torch.Tensor]):
         pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
-        hidden_logits, new_cache = self.model.step(input_ids, past_len, pairs)
-        logits = hidden_logits if self.all_logits else hidden_logits[:, -1:]
+        logits, new_cache = self.model.step(input_ids, past_len, pairs, last_only=not self.all_logits)
         return (logits, *[t for pair in new_cache for t in pair])
 
 

@@ -40,15 +40,20 @@ class Gemma3(nn.Module):
         past_len: torch.Tensor,
         cache: KVCache,
         image_features: torch.Tensor | None = None,
+        last_only: bool = False,
     ) -> tuple[torch.Tensor, KVCache]:
         """input_ids (B, S) after `past_len` (0-d int64) cached tokens -> logits (B, S, vocab), updated cache.
 
         image_features (N, hidden): rows for the soft tokens in this step, in order. The caller never splits
         one image across steps, so its bidirectional group is complete here.
+        last_only: logits of the last position only (B, 1, vocab): generation needs no more, and the lm_head
+        over a whole prefill chunk would cost more than the chunk's layers (262144 x hidden per position).
         """
         x = self.text.embed(input_ids, image_features)
         groups = image_groups(input_ids, self.config.image_token_id)
         hidden, cache = self.text.step(x, past_len, groups, cache)
+        if last_only:
+            hidden = hidden[:, -1:]
         return self.text.logits(hidden), cache
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
