@@ -12,6 +12,7 @@ layer's past input and present output, so the op updates the cache in place: no 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ def round_capacity(rows: int, max_context: int) -> int:
     return min(max_context, -(-max(rows, 1) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
 
 
+_SERIALS = itertools.count()
+
+
 class KVCache:
     """All layers' cache buffers and the number of positions they hold (`length`)."""
 
@@ -73,6 +77,7 @@ class KVCache:
         self.max_context = max_context
         self.length = 0  # positions already in the cache: the next step's past_len
         self.version = 0  # bumped whenever a buffer is replaced, so bindings know to refresh
+        self.serial = next(_SERIALS)  # unlike id(), never reused by a later cache once this one is freed
         self._shape = (1, num_kv_heads, head_dim)
         self._dtype = np.dtype(spec.cache_dtype)
         global_capacity = round_capacity(initial_capacity, max_context)

@@ -64,7 +64,7 @@ class OrtDecoder:
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
         self._check_io()
         self._binding = self.session.io_binding()
-        self._bound: tuple[int, int] | None = None  # (id of the cache, its version) currently bound
+        self._bound: tuple[int, int] | None = None  # (serial of the cache, its version) currently bound
         vocab = manifest.model.vocab_size
         # "last" graphs always return [1, 1, vocab]: one preallocated output, reused by every step.
         self._logits = np.zeros((1, 1, vocab), np.float32) if self.spec.logits == "last" else None
@@ -95,12 +95,12 @@ class OrtDecoder:
         )
 
     def _bind_cache(self, cache: KVCache) -> None:
-        if self._bound == (id(cache), cache.version):
+        if self._bound == (cache.serial, cache.version):
             return
         for past, present, value in cache.bindings():
             self._binding.bind_ortvalue_input(past, value)
             self._binding.bind_ortvalue_output(present, value)
-        self._bound = (id(cache), cache.version)
+        self._bound = (cache.serial, cache.version)
 
     def step(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
         """Run the graph over `ids` at past_len = cache.length, advance the cache, return the logits.

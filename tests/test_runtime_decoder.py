@@ -45,6 +45,17 @@ def test_decode_matches_reference_through_growth(tiny):
     assert cache.length == 600 and cache.version == 2
 
 
+def test_a_new_cache_is_bound_even_where_a_freed_one_lived(tiny):
+    """Regression: bindings were keyed by id(cache), which Python reuses once a cache is freed, so a fresh
+    cache of another capacity could run against the freed one's buffers (gemma3-eval's second window failed)."""
+    manifest, _, ids, ref = tiny
+    dec = OrtDecoder(manifest, chunk_size=64)
+    for length in (200, 300, 257):  # each window's cache replaces the previous one, with another capacity
+        cache = dec.new_cache(length)
+        close(dec.prefill(cache, ids[:length]), ref[length - 1])
+        del cache
+
+
 def test_chunked_prefill_equals_single_shot(tiny):
     manifest, _, ids, ref = tiny
     prompt = ids[:300]
