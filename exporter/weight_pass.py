@@ -51,13 +51,20 @@ def _matmuls_of(transpose: ir.Node) -> list[ir.Node]:
     return users
 
 
-def _quantized_entries(plan: WeightPlan, graph: ir.Graph, name: str, source, n: int, k: int, bits: int, block: int):
+def _quantized_entries(plan: WeightPlan, graph: ir.Graph, name: str, source, n: int, k: int, bits: int, block: int,
+                       symmetric: bool = True) -> list[ir.Value]:
+    """MatMulNBits' B, scales and (asymmetric only) packed zero points for a [n, k] weight."""
     packed_shape, scales_shape = packed_shapes(n, k, bits, block)
-    packed = plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape,
-                                    lambda w: plan.quantized(name, bits, block, w)[0]))
-    scales = plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape,
-                                    lambda w: plan.quantized(name, bits, block, w)[1]))
-    return packed, scales
+
+    def part(index: int):
+        return lambda w: plan.quantized(name, bits, block, symmetric, w)[index]
+
+    inputs = [plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape, part(0))),
+              plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape, part(1)))]
+    if not symmetric:
+        zp_shape = (n, -(-scales_shape[1] * bits // 8))
+        inputs.append(plan.add(graph, Stored(f"{name}.zero_points", source, np.uint8, zp_shape, part(2))))
+    return inputs
 
 
 def _fused_name(sources: list[str]) -> str:
@@ -81,8 +88,8 @@ def _linears(graph: ir.Graph, plan: WeightPlan, group: list[tuple[str, tuple[int
         weight_t = plan.add(graph, Stored(name, tuple(sources), np.float32, (k, n), lambda w: w.T))
         fused = _node(graph, anchor, "", "MatMul", [anchor.inputs[0], weight_t], f"{name}.matmul")
     else:
-        packed, scales = _quantized_entries(plan, graph, name, tuple(sources), n, k, p.linear_bits, p.block_size)
-        fused = _node(graph, anchor, MS_DOMAIN, "MatMulNBits", [anchor.inputs[0], packed, scales], f"{name}.matmul",
+        weights = _quantized_entries(plan, graph, name, tuple(sources), n, k, p.linear_bits, p.block_size, p.symmetric)
+        fused = _node(graph, anchor, MS_DOMAIN, "MatMulNBits", [anchor.inputs[0], *weights], f"{name}.matmul",
                       K=k, N=n, bits=p.linear_bits, block_size=p.block_size, accuracy_level=p.accuracy_level)
     if len(group) == 1:
         _replace(graph, anchor, fused.outputs[0])
@@ -116,7 +123,7 @@ def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Pre
             _replace(graph, matmul, _node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
     else:
         bits, block = p.embed_bits, p.block_size
-        packed, scales = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block)
+        packed, scales = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block)  # symmetric
         # GatherBlockQuantized wants scales of the data's rank: the same bytes, seen as [V, k_blocks, 1]
         scales3 = plan.add(graph, Stored(f"{EMBED}.scales3", EMBED, np.float32, (*scales.shape.numpy(), 1),
                                          lambda w: w, alias_of=f"{EMBED}.scales"))

@@ -44,7 +44,7 @@ class Stored:
 class WeightPlan:
     location: str  # data file name, next to the graph
     entries: dict[str, Stored] = field(default_factory=dict)
-    _quantized: dict[tuple[str, int, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    _quantized: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     def add(self, graph: ir.Graph, entry: Stored) -> ir.Value:
         """Register the initializer in the graph (data filled in by `layout`)."""
@@ -58,11 +58,11 @@ class WeightPlan:
         graph.register_initializer(value)
         return value
 
-    def quantized(self, source: str, bits: int, block: int, tensor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Pack once per (tensor, bits, block) even when several initializers need parts of the result."""
-        key = (source, bits, block)
+    def quantized(self, source: str, bits: int, block: int, symmetric: bool, tensor: np.ndarray):
+        """Pack once per tensor and scheme even when several initializers (data, scales, zero points) need it."""
+        key = (source, bits, block, symmetric)
         if key not in self._quantized:
-            self._quantized = {key: quantize_blockwise(tensor, bits, block)}  # keep only the current tensor's
+            self._quantized = {key: quantize_blockwise(tensor, bits, block, symmetric)}  # only the current one
         return self._quantized[key]
 
     def layout(self, graph: ir.Graph, base_dir: str | os.PathLike) -> int:

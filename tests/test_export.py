@@ -94,8 +94,9 @@ def _dequantized_reference(folder, p):
             if bits is None or param.ndim != 2:
                 continue
             w = param.numpy()
-            packed, scales = quantize_blockwise(w, bits, p.block_size)
-            param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1])))
+            symmetric = p.symmetric or is_embed
+            packed, scales, zero_points = quantize_blockwise(w, bits, p.block_size, symmetric)
+            param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1], zero_points)))
     return model
 
 
