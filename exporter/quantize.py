@@ -11,7 +11,7 @@ along K:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -26,7 +26,14 @@ class Precision:
     block_size: int = 32
     accuracy_level: int = 4  # MatMulNBits: int8 activations, the fast CPU path
     symmetric: bool = True  # projections; the tied table stays symmetric (GatherBlockQuantized shares its bytes)
+    keep_8bit: tuple[str, ...] = ()  # projections (by module name) stored 8-bit symmetric, as k-quant mixes do
     doc: str = ""
+
+    def for_projection(self, name: str) -> Precision:
+        """The scheme of one (possibly fused) projection, e.g. `text.layers.3.attn.q_proj+k_proj+v_proj.weight`."""
+        if any(part in name for part in self.keep_8bit):
+            return replace(self, linear_bits=8, symmetric=True, keep_8bit=())
+        return self
 
     @property
     def quantized(self) -> bool:
@@ -40,6 +47,8 @@ PRECISIONS: dict[str, Precision] = {
         Precision("int8", 8, 8, doc="8-bit block-32 weights everywhere"),
         Precision("int4", 4, 8, symmetric=False,
                   doc="4-bit block-32 projections with zero points, 8-bit tied embedding / lm_head"),
+        Precision("int4-mixed", 4, 8, symmetric=False, keep_8bit=("q_proj", "o_proj", "down_proj"),
+                  doc="4-bit gate/up projections with zero points, 8-bit attention, down projection and embedding"),
         Precision("int4-full", 4, 4, symmetric=False,
                   doc="4-bit block-32 everywhere, embedding included (smallest)"),
     )

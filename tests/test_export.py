@@ -28,14 +28,14 @@ CHUNKS = [7, 12, 1, 1, 1, 9, 1]  # 12 > window 8
 def tiny_checkpoint(tmp_path_factory):
     hf = random_hf_model(tiny(), seed=11)
     folder = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
+    # HF folders ship tokenizer.model; these graph tests never tokenize, so a placeholder file stands in
+    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
     return hf, folder
 
 
 @pytest.fixture(scope="module")
 def fp32_export(tiny_checkpoint, tmp_path_factory):
     _, folder = tiny_checkpoint
-    # HF folders ship tokenizer.model; a tiny one is not needed for graph tests, so borrow nothing: no eval of text
-    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
     return export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", precision("fp32"))
 
 
@@ -84,17 +84,24 @@ def test_manifest_and_bounded_local_cache(fp32_export):
     assert steps.cache["past_key.0"].shape[2] == local_capacity(8)
 
 
+# The exporter fuses projections that share an input; a fused group shares one scheme.
+FUSED = {"q_proj": "q_proj+k_proj+v_proj", "k_proj": "q_proj+k_proj+v_proj", "v_proj": "q_proj+k_proj+v_proj",
+         "gate_proj": "gate_proj+up_proj", "up_proj": "gate_proj+up_proj"}
+
+
 def _dequantized_reference(folder, p):
     """Our PyTorch model with every quantized weight replaced by its quantize-dequantize round trip."""
     model = load_checkpoint(folder)
     with torch.no_grad():
         for name, param in model.named_parameters():
             is_embed = name == "text.embed_tokens.weight"
-            bits = p.embed_bits if is_embed else p.linear_bits
+            module = name.rsplit(".", 2)[1]
+            scheme = p if is_embed else p.for_projection(name.replace(module, FUSED.get(module, module)))
+            bits = p.embed_bits if is_embed else scheme.linear_bits
             if bits is None or param.ndim != 2:
                 continue
             w = param.numpy()
-            symmetric = p.symmetric or is_embed
+            symmetric = scheme.symmetric or is_embed
             packed, scales, zero_points = quantize_blockwise(w, bits, p.block_size, symmetric)
             param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1], zero_points)))
     return model
@@ -104,7 +111,7 @@ def _dequantized_reference(folder, p):
 # rounding. accuracy_level 4 (the default, int8 activations) adds a few percent of the logit scale on these
 # random weights (measured: 2.9% int8, 4.1% int4).
 @pytest.mark.parametrize("name, accuracy_level, tolerance", [
-    ("int8", 0, 1e-4), ("int4", 0, 1e-4), ("int4-full", 0, 1e-4), ("int4", 4, 0.1),
+    ("int8", 0, 1e-4), ("int4", 0, 1e-4), ("int4-mixed", 0, 1e-4), ("int4-full", 0, 1e-4), ("int4", 4, 0.1),
 ])
 @torch.no_grad()
 def test_quantized_decoder_matches_dequantized_reference(tiny_checkpoint, tmp_path, name, accuracy_level, tolerance):
