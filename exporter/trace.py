@@ -73,7 +73,7 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False) -> ir.Model:
         with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                step, args, dynamo=True, optimize=False, verbose=False,
+                step, args, dynamo=True, optimize=False, verbose=False, opset_version=23,
                 custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
                 dynamic_shapes=({1: "new_tokens"}, None, cache_dims),
             )

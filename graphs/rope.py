@@ -26,18 +26,17 @@ class RotaryTables(torch.nn.Module):
             self.register_buffer(f"inv_freq_{kind}", inv_freq(rope, config.head_dim), persistent=False)
 
     def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (S,) int64 -> cos, sin (S, head_dim) in `dtype`."""
+        """positions (S,) int64 -> cos, sin (1, S, head_dim / 2) in `dtype` (one half: both halves share it)."""
         freqs = positions.to(torch.float32)[:, None] * getattr(self, f"inv_freq_{kind}")[None, :]
-        angles = torch.cat((freqs, freqs), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return freqs.cos().to(dtype)[None], freqs.sin().to(dtype)[None]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, heads, head_dim); cos/sin (S, head_dim)."""
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return x * cos + rotate_half(x) * sin
+    """x (B, S, heads, head_dim) -> (B, S, heads * head_dim), rotated in halves (transformers' rotate_half).
+
+    ONNX's RotaryEmbedding (opset 23): one node per q / k at export instead of slices, negations and concats;
+    eagerly it computes x1 * cos - x2 * sin, x2 * cos + x1 * sin, the same products as rotate_half.
+    """
+    batch = x.shape[0]
+    cos, sin = cos.expand(batch, -1, -1), sin.expand(batch, -1, -1)  # the op wants one table per batch row
+    return torch.onnx.ops.rotary_embedding(x.flatten(2), cos, sin, num_heads=x.shape[2])

@@ -63,8 +63,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(batch, new_tokens, self.num_heads, self.head_dim)  # (B, S, H, D)
         k = self.k_proj(x).view(batch, new_tokens, self.num_kv_heads, self.head_dim)  # (B, S, KVH, D)
         v = self.v_proj(x)  # (B, S, KVH * D): v is not normalised
-        q = apply_rope(self.q_norm(q), cos, sin).flatten(2)  # QK-norm before RoPE
-        k = apply_rope(self.k_norm(k), cos, sin).flatten(2)
+        q = apply_rope(self.q_norm(q), cos, sin)  # QK-norm before RoPE; (B, S, H * D)
+        k = apply_rope(self.k_norm(k), cos, sin)
         out, k_cache, v_cache = hybrid_attention(
             q, k, v, cache[0], cache[1], past_len, group_ids,
             self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.window,
