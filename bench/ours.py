@@ -1,0 +1,120 @@
+"""Our exports of the same GGUF, measured like the peers: one child for speed, one for perplexity.
+
+python -m bench.ours {speed|ppl} job.json out.json     (children; the parent side is `entry(precision)`)
+
+The export is made once per precision with `gemma3-export` and cached under the bench cache folder; the children
+import only gemma3.runtime (no torch), as a serving box would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import THREADS, cache_root, child_main, measure_speed, result, run_child
+
+PRECISIONS = ("fp32", "int8", "int4-mixed", "int4", "int4-full")
+
+
+def export_dir(precision: str, gguf: Path) -> Path:
+    """Our export of `gguf` at `precision`, made on first use (keyed by the GGUF's size and mtime)."""
+    stat = gguf.stat()
+    folder = cache_root() / "bench" / f"ours-{precision}-{stat.st_size}-{int(stat.st_mtime)}"
+    if not (folder / "manifest.json").exists():
+        exporter = Path(sys.executable).with_name("gemma3-export")
+        subprocess.run(
+            [
+                str(exporter),
+                "--size",
+                "270m",
+                "--checkpoint",
+                str(gguf),
+                "--precision",
+                precision,
+                "--out",
+                str(folder),
+                "--force",
+            ],
+            check=True,
+        )
+    return folder
+
+
+def entry(precision: str) -> Callable[[Any], dict[str, Any]]:
+    def measure(inputs: Any) -> dict[str, Any]:
+        folder = export_dir(precision, inputs.gguf)
+        job = inputs.job(model_dir=str(folder))
+        speed_out = run_child(sys.executable, "bench.ours", "speed", job)
+        ppl_out = run_child(sys.executable, "bench.ours", "ppl", job)
+        weights = sum(f.stat().st_size for f in folder.glob("*.data"))
+        return result(
+            f"ours {precision}",
+            prefill_tok_s=round(speed_out["prefill_tok_s"], 1),
+            decode_tok_s=round(speed_out["decode_tok_s"], 1),
+            peak_rss_mb=round(speed_out["peak_rss_mb"]),
+            perplexity=round(ppl_out["perplexity"], 3),
+            notes=f"gemma3-export --precision {precision} (ort target), gemma3.runtime OrtDecoder with IO binding, "
+            f"{THREADS} threads, prefill in chunks of 256; weights file {weights / 2**20:.0f} MiB",
+            ppl_peak_rss_mb=round(ppl_out["peak_rss_mb"]),
+            load_s=round(speed_out["load_s"], 1),
+            prefill_s=[round(s, 3) for s in speed_out["prefill_s"]],
+            decode_s=[round(s, 3) for s in speed_out["decode_s"]],
+            ppl_eval_s=round(ppl_out["eval_s"], 1),
+            foreign_cpu_share=speed_out.get("foreign_cpu_share"),
+            greedy_tokens=speed_out["greedy_tokens"],
+            weights_bytes=weights,
+        )
+
+    return measure
+
+
+# --- children ---------------------------------------------------------------------------------------------
+
+
+def speed(job: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from gemma3.runtime.manifest import load_manifest
+    from gemma3.runtime.ort_decoder import OrtDecoder
+
+    t0 = time.perf_counter()
+    decoder = OrtDecoder(load_manifest(job["model_dir"]), threads=THREADS)
+    load_s = time.perf_counter() - t0
+    state: dict[str, Any] = {}
+
+    def reset() -> None:
+        state["cache"] = decoder.new_cache(len(job["prompt"]) + 256)
+
+    def prefill(ids: list[int]) -> int:
+        return int(np.argmax(decoder.prefill(state["cache"], ids)))
+
+    def step(token: int) -> int:
+        return int(np.argmax(decoder.step(state["cache"], [token])))
+
+    out = measure_speed(reset, prefill, step, job["prompt"])
+    out["load_s"] = load_s
+    return out
+
+
+def ppl(job: dict[str, Any]) -> dict[str, Any]:
+    from gemma3.runtime.evaluate import window_nll
+    from gemma3.runtime.manifest import load_manifest
+    from gemma3.runtime.ort_decoder import OrtDecoder
+    from gemma3.runtime.perplexity import eval_windows, perplexity
+
+    manifest = load_manifest(job["model_dir"])
+    decoder = OrtDecoder(manifest, manifest.eval_decoder or manifest.decoder, threads=THREADS)
+    t0 = time.perf_counter()
+    total, count = 0.0, 0
+    for inputs, targets in eval_windows(job["eval_ids"]):
+        total += window_nll(decoder, inputs, targets)
+        count += len(targets)
+    return {"perplexity": perplexity(total, count), "count": count, "eval_s": time.perf_counter() - t0}
+
+
+if __name__ == "__main__":
+    child_main({"speed": speed, "ppl": ppl})
