@@ -27,18 +27,12 @@ class Precision:
     accuracy_level: int = 4  # MatMulNBits: int8 activations, the fast CPU path
     symmetric: bool = True  # projections; the tied table stays symmetric (GatherBlockQuantized shares its bytes)
     keep_8bit: tuple[str, ...] = ()  # projections (by module name) stored 8-bit symmetric, as k-quant mixes do
-    block_8bit: int = 128  # 8-bit projections: larger blocks cost nothing in accuracy and decode faster
     doc: str = ""
 
-    def for_projection(self, name: str, k: int) -> Precision:
-        """The scheme of one (possibly fused) projection, e.g. `text.layers.3.attn.q_proj+k_proj+v_proj.weight`.
-
-        The tied embedding keeps `block_size` (32) at 8 bits: that is what re-encodes a GGUF Q8_0 table exactly.
-        Measured on the real 270M (2 threads): 8-bit projections at block 128 decode ~10% faster than at 32.
-        """
-        if self.linear_bits == 8 or any(part in name for part in self.keep_8bit):
-            block = self.block_8bit if k % self.block_8bit == 0 else self.block_size  # no padded blocks
-            return replace(self, linear_bits=8, symmetric=True, keep_8bit=(), block_size=block)
+    def for_projection(self, name: str) -> Precision:
+        """The scheme of one (possibly fused) projection, e.g. `text.layers.3.attn.q_proj+k_proj+v_proj.weight`."""
+        if any(part in name for part in self.keep_8bit):
+            return replace(self, linear_bits=8, symmetric=True, keep_8bit=())
         return self
 
     @property
@@ -50,7 +44,7 @@ PRECISIONS: dict[str, Precision] = {
     p.name: p
     for p in (
         Precision("fp32", None, None, doc="float32 weights: the reference"),
-        Precision("int8", 8, 8, doc="8-bit weights everywhere (projections block 128, tied embedding block 32)"),
+        Precision("int8", 8, 8, doc="8-bit block-32 weights everywhere"),
         Precision("int4", 4, 8, symmetric=False,
                   doc="4-bit block-32 projections with zero points, 8-bit tied embedding / lm_head"),
         Precision("int4-mixed", 4, 8, symmetric=False, keep_8bit=("q_proj", "o_proj", "down_proj"),
