@@ -84,7 +84,7 @@ def _linears(graph: ir.Graph, plan: WeightPlan, group: list[tuple[str, tuple[int
     n, k = sum(rows), group[0][1][1]
     matmuls = [_matmuls_of(transpose)[0] for _, _, transpose in group]
     anchor, name = matmuls[0], _fused_name(sources)
-    p = p.for_projection(name)
+    p = p.for_projection(name, k)
     if p.linear_bits is None:
         weight_t = plan.add(graph, Stored(name, tuple(sources), np.float32, (k, n), lambda w: w.T))
         fused = _node(graph, anchor, "", "MatMul", [anchor.inputs[0], weight_t], f"{name}.matmul")

@@ -94,15 +94,17 @@ def _dequantized_reference(folder, p):
     model = load_checkpoint(folder)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            is_embed = name == "text.embed_tokens.weight"
-            module = name.rsplit(".", 2)[1]
-            scheme = p if is_embed else p.for_projection(name.replace(module, FUSED.get(module, module)))
-            bits = p.embed_bits if is_embed else scheme.linear_bits
-            if bits is None or param.ndim != 2:
+            if param.ndim != 2:
                 continue
             w = param.numpy()
+            is_embed = name == "text.embed_tokens.weight"
+            module = name.rsplit(".", 2)[1]
+            scheme = p if is_embed else p.for_projection(name.replace(module, FUSED.get(module, module)), w.shape[1])
+            bits = p.embed_bits if is_embed else scheme.linear_bits
+            if bits is None:
+                continue
             symmetric = scheme.symmetric or is_embed
-            packed, scales, zero_points = quantize_blockwise(w, bits, p.block_size, symmetric)
+            packed, scales, zero_points = quantize_blockwise(w, bits, scheme.block_size, symmetric)
             param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1], zero_points)))
     return model
 
