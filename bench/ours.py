@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import THREADS, cache_root, child_main, measure_speed, result, run_child
+from bench.common import THREADS, cache_root, child_main, measure_speed, run_child
+from bench.peers import merge
 
 PRECISIONS = ("fp32", "int8", "int4-mixed", "int4", "int4-full")
 
@@ -51,23 +52,9 @@ def entry(precision: str) -> Callable[[Any], dict[str, Any]]:
         speed_out = run_child(sys.executable, "bench.ours", "speed", job)
         ppl_out = run_child(sys.executable, "bench.ours", "ppl", job)
         weights = sum(f.stat().st_size for f in folder.glob("*.data"))
-        return result(
-            f"ours {precision}",
-            prefill_tok_s=round(speed_out["prefill_tok_s"], 1),
-            decode_tok_s=round(speed_out["decode_tok_s"], 1),
-            peak_rss_mb=round(speed_out["peak_rss_mb"]),
-            perplexity=round(ppl_out["perplexity"], 3),
-            notes=f"gemma3-export --precision {precision} (ort target), gemma3.runtime OrtDecoder with IO binding, "
-            f"{THREADS} threads, prefill in chunks of 256; weights file {weights / 2**20:.0f} MiB",
-            ppl_peak_rss_mb=round(ppl_out["peak_rss_mb"]),
-            load_s=round(speed_out["load_s"], 1),
-            prefill_s=[round(s, 3) for s in speed_out["prefill_s"]],
-            decode_s=[round(s, 3) for s in speed_out["decode_s"]],
-            ppl_eval_s=round(ppl_out["eval_s"], 1),
-            foreign_cpu_share=speed_out.get("foreign_cpu_share"),
-            greedy_tokens=speed_out["greedy_tokens"],
-            weights_bytes=weights,
-        )
+        notes = (f"gemma3-export --precision {precision} (ort target), gemma3.runtime OrtDecoder with IO binding, "
+                 f"{THREADS} threads, prefill in chunks of 256; weights file {weights / 2**20:.0f} MiB")
+        return merge(f"ours {precision}", speed_out, ppl_out, notes, weights_bytes=weights)
 
     return measure
 

@@ -54,7 +54,8 @@ def load_inputs(gguf: Path) -> BenchInputs:
     return BenchInputs(gguf=gguf, eval_ids=ids, prompt=ids[:PROMPT_TOKENS])
 
 
-def _merge(name: str, speed: dict[str, Any], ppl: dict[str, Any], notes: str, **extra: Any) -> dict[str, Any]:
+def merge(name: str, speed: dict[str, Any], ppl: dict[str, Any], notes: str, **extra: Any) -> dict[str, Any]:
+    """One table row from a speed child's and a perplexity child's outputs (every entry reports the same fields)."""
     return result(
         name,
         prefill_tok_s=round(speed["prefill_tok_s"], 1),
@@ -89,7 +90,7 @@ def transformers_fp32(inputs: BenchInputs) -> dict[str, Any]:
         f"transformers {transformers.__version__}, torch {torch.__version__}, attn_implementation=eager, "
         "torch.set_num_threads(2), DynamicCache (sliding layers windowed); greedy = argmax of the last logits"
     )
-    return _merge("transformers eager fp32", speed, ppl, notes)
+    return merge("transformers eager fp32", speed, ppl, notes)
 
 
 def llama_cpp(inputs: BenchInputs) -> dict[str, Any]:
@@ -111,7 +112,7 @@ def llama_cpp(inputs: BenchInputs) -> dict[str, Any]:
         "n_threads_batch=2, library defaults otherwise (f16 KV cache, flash_attn off); prompt in one "
         "n_batch=512 call; perplexity with logits_all=True, one eval() per window after reset()"
     )
-    return _merge("llama.cpp Q4_K_M", speed, ppl, notes)
+    return merge("llama.cpp Q4_K_M", speed, ppl, notes)
 
 
 def genai_int4(inputs: BenchInputs) -> dict[str, Any]:
@@ -133,4 +134,4 @@ def genai_int4(inputs: BenchInputs) -> dict[str, Any]:
         f"{genai_build.FIXES}; session intra_op_num_threads=2; lm_head int4 too, embedding Gather fp32; "
         "perplexity from the decoder's raw 'logits' output (all positions) after append_tokens(window)"
     )
-    return _merge("onnxruntime-genai int4", speed, ppl, notes, build=json.loads(build.stdout.strip() or "{}"))
+    return merge("onnxruntime-genai int4", speed, ppl, notes, build=json.loads(build.stdout.strip() or "{}"))
