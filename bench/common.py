@@ -69,6 +69,29 @@ def perplexity_module() -> ModuleType:
     return module
 
 
+def score_windows(
+    ids: list[int], logits: Callable[[list[int]], Any], load_s: float, own_ids: list[int] | None = None
+) -> dict[str, Any]:
+    """A perplexity child's result: `logits(window inputs)` over the protocol's windows of `ids`.
+
+    `own_ids`: the peer's own tokenization of the eval text (no bos), to report where it first disagrees.
+    """
+    p = perplexity_module()
+    mismatch = None
+    if own_ids is not None:
+        mismatch = next((i + 1 for i, (a, b) in enumerate(zip(own_ids, ids[1:])) if a != b), None)
+    t0 = time.perf_counter()
+    total, count = p.evaluate(p.eval_windows(ids), logits)
+    return {
+        "perplexity": p.perplexity(total, count),
+        "nll": total,
+        "count": count,
+        "eval_s": time.perf_counter() - t0,
+        "load_s": load_s,
+        "own_tokenizer_first_mismatch": mismatch,
+    }
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM), in MiB."""
     try:

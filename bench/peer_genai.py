@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import THREADS, child_main, measure_speed, perplexity_module
+from bench.common import THREADS, child_main, measure_speed, perplexity_module, score_windows
 
 SPEED_MAX_LENGTH = 1024  # >= the 512 window: genai's windowed cache refuses a shorter max_length
 PPL_MAX_LENGTH = 1040  # one window is 1025 tokens
@@ -58,11 +58,9 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
 def ppl(job: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime_genai as og
 
-    p = perplexity_module()
     model, load_s = _load(job["model_dir"])
     ids = job["eval_ids"]
-    own = list(og.Tokenizer(model).encode(p.eval_text()))[: len(ids) - 1]
-    mismatch = next((i + 1 for i, (a, b) in enumerate(zip(own, ids[1:])) if a != b), None)
+    own = list(og.Tokenizer(model).encode(perplexity_module().eval_text()))[: len(ids) - 1]
 
     def logits(inputs: list[int]) -> np.ndarray:
         gen = _generator(model, PPL_MAX_LENGTH)
@@ -70,16 +68,7 @@ def ppl(job: dict[str, Any]) -> dict[str, Any]:
         # get_logits() is the last row only; the decoder's raw "logits" output holds every prompt position
         return np.asarray(gen.get_output("logits"))
 
-    t0 = time.perf_counter()
-    total, count = p.evaluate(p.eval_windows(ids), logits)
-    return {
-        "perplexity": p.perplexity(total, count),
-        "nll": total,
-        "count": count,
-        "eval_s": time.perf_counter() - t0,
-        "load_s": load_s,
-        "own_tokenizer_first_mismatch": mismatch,
-    }
+    return score_windows(ids, logits, load_s, own)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import THREADS, child_main, measure_speed, perplexity_module
+from bench.common import THREADS, child_main, measure_speed, perplexity_module, score_windows
 
 SPEED_CTX = 1024  # prompt 512 + 129 decoded tokens fit
 PPL_CTX = 1040  # one window is 1025 tokens
@@ -54,28 +54,18 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def ppl(job: dict[str, Any]) -> dict[str, Any]:
-    p = perplexity_module()
     llm, load_s = _load(job["gguf"], PPL_CTX, n_batch=PPL_CTX, logits_all=True)
     ids = job["eval_ids"]
     # The bench feeds every peer the same ids; record whether llama.cpp's own tokenizer agrees.
-    own = llm.tokenize(p.eval_text().encode("utf-8"), add_bos=False, special=False)[: len(ids) - 1]
-    mismatch = next((i + 1 for i, (a, b) in enumerate(zip(own, ids[1:])) if a != b), None)
+    own = llm.tokenize(perplexity_module().eval_text().encode("utf-8"), add_bos=False, special=False)
+    own = own[: len(ids) - 1]
 
     def logits(inputs: list[int]) -> np.ndarray:
         llm.reset()  # each window is its own sequence: clear the cache
         llm.eval(inputs)
         return llm.scores[: len(inputs)]
 
-    t0 = time.perf_counter()
-    total, count = p.evaluate(p.eval_windows(ids), logits)
-    return {
-        "perplexity": p.perplexity(total, count),
-        "nll": total,
-        "count": count,
-        "eval_s": time.perf_counter() - t0,
-        "load_s": load_s,
-        "own_tokenizer_first_mismatch": mismatch,
-    }
+    return score_windows(ids, logits, load_s, own)
 
 
 if __name__ == "__main__":
