@@ -8,6 +8,7 @@ import only gemma3.runtime (no torch), as a serving box would.
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -18,13 +19,22 @@ from typing import Any
 from bench.common import THREADS, cache_root, child_main, measure_speed, run_child
 from bench.peers import merge
 
-PRECISIONS = ("fp32", "int8", "int4-mixed", "int4", "int4-full")
+PRECISIONS = ("fp32", "int8", "int8-head4", "int4-mixed", "int4", "int4-full")
+
+
+def _exporter_version() -> str:
+    """A hash of the exporter's and graphs' sources: a changed quantizer never reuses a stale cached export."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("exporter/*.py"), *root.glob("graphs/**/*.py")]):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def export_dir(precision: str, gguf: Path) -> Path:
-    """Our export of `gguf` at `precision`, made on first use (keyed by the GGUF's size and mtime)."""
+    """Our export of `gguf` at `precision`, made on first use (keyed by the GGUF and the exporter's code)."""
     stat = gguf.stat()
-    folder = cache_root() / "bench" / f"ours-{precision}-{stat.st_size}-{int(stat.st_mtime)}"
+    folder = cache_root() / "bench" / f"ours-{precision}-{stat.st_size}-{int(stat.st_mtime)}-{_exporter_version()}"
     if not (folder / "manifest.json").exists():
         exporter = Path(sys.executable).with_name("gemma3-export")
         subprocess.run(

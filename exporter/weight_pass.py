@@ -124,19 +124,21 @@ def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Pre
             _replace(graph, matmul, _node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
     else:
         bits, block = p.embed_bits, p.block_size
-        packed, scales = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block)  # symmetric
-        # GatherBlockQuantized wants scales of the data's rank: the same bytes, seen as [V, k_blocks, 1]
-        scales3 = plan.add(graph, Stored(f"{EMBED}.scales3", EMBED, np.float32, (*scales.shape.numpy(), 1),
-                                         lambda w: w, alias_of=f"{EMBED}.scales"))
+        symmetric = p.symmetric or bits == 8  # 8-bit is symmetric only (see quantize.py)
+        packed, scales, *zero_points = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block,
+                                                          symmetric)
+        # GatherBlockQuantized reads the same bytes as a 2-D [V, packed row] table (quantize_axis 1); its scales
+        # and zero points have MatMulNBits' layout already, so nothing is stored twice.
+        packed_2d = plan.add(graph, Stored(f"{EMBED}.rows", EMBED, np.uint8, (vocab, int(np.prod(
+            packed.shape.numpy()[1:]))), lambda w: w, alias_of=packed.name))
         for gather in gathers:
-            looked_up = _node(graph, gather, MS_DOMAIN, "GatherBlockQuantized", [packed, gather.inputs[1], scales3],
-                              "embed.gather", bits=bits, block_size=block, gather_axis=0, quantize_axis=2)
-            merged = _node(graph, gather, "", "Reshape", [looked_up.outputs[0], _const(graph, gather,
-                           "embed.shape", [0, 0, hidden])], "embed.lookup")  # (B, S, k_blocks, block) -> (B, S, H)
-            _replace(graph, gather, merged.outputs[0])
+            looked_up = _node(graph, gather, MS_DOMAIN, "GatherBlockQuantized",
+                              [packed_2d, gather.inputs[1], scales, *zero_points], "embed.lookup",
+                              bits=bits, block_size=block, gather_axis=0, quantize_axis=1)
+            _replace(graph, gather, looked_up.outputs[0])
         for matmul in lm_heads:
-            new = _node(graph, matmul, MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], packed, scales], "lm_head",
-                        K=hidden, N=vocab, bits=bits, block_size=block, accuracy_level=p.accuracy_level)
+            new = _node(graph, matmul, MS_DOMAIN, "MatMulNBits", [matmul.inputs[0], packed, scales, *zero_points],
+                        "lm_head", K=hidden, N=vocab, bits=bits, block_size=block, accuracy_level=p.accuracy_level)
             _replace(graph, matmul, new.outputs[0])
     for transpose in transposes:
         graph.remove(transpose, safe=True)

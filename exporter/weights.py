@@ -44,6 +44,8 @@ class Stored:
 class WeightPlan:
     location: str  # data file name, next to the graph
     entries: dict[str, Stored] = field(default_factory=dict)
+    # per weight (our parameter name): mean square of its matmul's input per channel, from calibrate.py
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
     _quantized: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     def add(self, graph: ir.Graph, entry: Stored) -> ir.Value:
@@ -58,11 +60,13 @@ class WeightPlan:
         graph.register_initializer(value)
         return value
 
-    def quantized(self, source: str, bits: int, block: int, symmetric: bool, tensor: np.ndarray):
+    def quantized(self, source: str | tuple[str, ...], bits: int, block: int, symmetric: bool, tensor: np.ndarray):
         """Pack once per tensor and scheme even when several initializers (data, scales, zero points) need it."""
         key = (source, bits, block, symmetric)
         if key not in self._quantized:
-            self._quantized = {key: quantize_blockwise(tensor, bits, block, symmetric)}  # only the current one
+            first = source if isinstance(source, str) else source[0]  # fused projections share their input
+            importance = self.importance.get(first)
+            self._quantized = {key: quantize_blockwise(tensor, bits, block, symmetric, importance)}  # only this one
         return self._quantized[key]
 
     def layout(self, graph: ir.Graph, base_dir: str | os.PathLike) -> int:

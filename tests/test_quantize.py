@@ -41,12 +41,43 @@ def test_error_bound(bits, bound):
     assert (error <= np.repeat(absmax * bound, 32, axis=1)[:, :100] + 1e-6).all()
 
 
-def test_asymmetric_4bit_uses_the_whole_range():
-    """[min, max] onto 16 levels: at most half a step of (max - min) / 15, tighter than symmetric on skewed blocks."""
-    rng = np.random.default_rng(3)
-    weight = (rng.random((64, 64)) * 3 + 1).astype(np.float32)  # all positive: symmetric wastes half its levels
-    packed, scales, zero_points = quantize_blockwise(weight, 4, 32, symmetric=False)
-    assert zero_points.shape == (64, 1)
-    asym = np.abs(dequantize_blockwise(packed, scales, 4, 64, zero_points) - weight).max()
-    sym = np.abs(dequantize_blockwise(*quantize_blockwise(weight, 4, 32)[:2], 4, 64) - weight).max()
-    assert asym <= 0.51 * 4 / 15 + 1e-6 and asym < sym
+def test_asymmetric_4bit_without_search_is_onnxruntimes_quantizer(monkeypatch):
+    """With only the full range as candidate, our packing equals onnxruntime's asymmetric quantizer: same codes,
+    same zero points (nibble order), scales to float rounding."""
+    from onnxruntime.capi._pybind_state import quantize_matmul_4bits
+
+    weight = np.random.default_rng(3).standard_normal((256, 96)).astype(np.float32)
+    packed, scales, zero_points = np.zeros((256, 3, 16), np.uint8), np.zeros((256, 3), np.float32), np.zeros(
+        (256, 2), np.uint8)
+    quantize_matmul_4bits(packed, np.ascontiguousarray(weight.T), scales, zero_points, 32, 256, 96, False)
+    monkeypatch.setattr(quantize, "SHRINK", (1.0,))
+    ours = quantize_blockwise(weight, 4, 32, symmetric=False)
+    assert np.array_equal(ours[0], packed) and np.array_equal(ours[2], zero_points)
+    np.testing.assert_allclose(ours[1], scales, rtol=1e-6)
+
+
+def _weighted_block_error(weight, importance, quantized):
+    error = np.square(dequantize_blockwise(*quantized[:2], 4, weight.shape[1], quantized[2]) - weight) * importance
+    return error.reshape(weight.shape[0], -1, 32).sum(-1)
+
+
+def test_range_search_never_loses_and_follows_importance(monkeypatch):
+    """Every block's weighted error is at most round-to-nearest's, and channels given importance get smaller
+    errors than without it (the lm_head case: a few input channels carry most of the energy)."""
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((512, 64)).astype(np.float32)
+    weight[:, 5] *= 4  # outliers widen their blocks' range
+    importance = np.ones(64, np.float32)
+    importance[[3, 40]] = 1000.0
+    searched = quantize_blockwise(weight, 4, 32, symmetric=False, importance=importance)
+    plain = quantize_blockwise(weight, 4, 32, symmetric=False)
+    monkeypatch.setattr(quantize, "SHRINK", (1.0,))
+    nearest = quantize_blockwise(weight, 4, 32, symmetric=False)
+    assert (_weighted_block_error(weight, importance, searched)
+            <= _weighted_block_error(weight, importance, nearest) + 1e-6).all()
+    assert _weighted_block_error(weight, 1.0, plain).sum() < 0.97 * _weighted_block_error(weight, 1.0, nearest).sum()
+
+    def channel_error(q):
+        return np.square(dequantize_blockwise(*q[:2], 4, 64, q[2]) - weight)[:, [3, 40]].mean()
+
+    assert channel_error(searched) < 0.5 * channel_error(plain)

@@ -1,0 +1,93 @@
+"""Activation statistics for 4-bit quantization: the mean square of every projection's input, per channel.
+
+A 4-bit block shares one scale and zero point among 32 input channels. When a few channels carry most of the
+input energy (Gemma 3's final norm has channels at 1000x the median), their weights' rounding errors dominate
+the output error, and the range search in `quantize.py` should spend its precision there. This module measures
+that energy on a short calibration text.
+
+The text is docstrings of Python standard-library modules: present on every machine and disjoint from the
+perplexity text (`pydoc_data.topics`, the language reference), so calibration never sees what is scored.
+
+The model runs one layer at a time, each layer's weights loaded from the checkpoint and dropped after it ran:
+memory stays near one layer plus the activations, whatever the model size (as the weight streaming does).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from gemma3.graphs.config import Gemma3Config
+from gemma3.graphs.loaders.checkpoint import Checkpoint
+from gemma3.graphs.model import Gemma3
+from gemma3.graphs.rope import RotaryTables
+
+from .weight_pass import EMBED
+
+CALIBRATION_MODULES = (
+    "os", "re", "json", "collections", "argparse", "subprocess", "typing", "asyncio",
+    "logging", "unittest", "pathlib", "datetime", "itertools", "functools", "socket", "threading",
+)
+CALIBRATION_TOKENS = 1024
+FINAL_NORM = "text.final_norm"  # its output is the lm_head's input: keyed under the tied table's name
+
+
+def calibration_text() -> str:
+    return "\n\n".join(inspect.getdoc(importlib.import_module(name)) or "" for name in CALIBRATION_MODULES)
+
+
+def calibration_ids(encode, bos_id: int, count: int = CALIBRATION_TOKENS) -> list[int]:
+    """`[bos] + encode(text)` cut to `count` ids; `encode` adds no special tokens."""
+    return [bos_id, *encode(calibration_text())][:count]
+
+
+def _load(module: nn.Module, checkpoint: Checkpoint, prefix: str) -> None:
+    state = {name: checkpoint.tensor(prefix + name).float() for name, _ in module.named_parameters()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def input_importance(checkpoint: Checkpoint, ids: Sequence[int]) -> dict[str, np.ndarray]:
+    """{weight name: mean over tokens of input^2 per input channel} for every nn.Linear of the text decoder,
+    and for the tied table (the lm_head's input, the final norm's output). Text only, fp32, one sequence."""
+    config: Gemma3Config = checkpoint.config
+    with torch.device("meta"):
+        text = Gemma3(config).text
+    text.rope = RotaryTables(config)
+    importance: dict[str, np.ndarray] = {}
+
+    def record(name: str):
+        def hook(_module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
+            importance[name] = x.square().mean(0).float().numpy()
+
+        return hook
+
+    input_ids = torch.tensor([list(ids)], dtype=torch.int64)
+    with torch.no_grad():
+        _load(text.embed_tokens, checkpoint, "text.embed_tokens.")
+        x = text.embed(input_ids)
+        text.embed_tokens.to("meta")  # 63% of the 270m: not kept while the layers run
+        positions = torch.arange(len(ids), dtype=torch.int64)
+        tables = {kind: text.rope(positions, kind, torch.float32) for kind in text.rope.layer_types}
+        groups = torch.full_like(input_ids, -1)
+        past = torch.zeros((), dtype=torch.int64)
+        for i, layer in enumerate(tqdm(text.layers, desc="calibrating", unit="layer", leave=False, disable=None)):
+            prefix = f"text.layers.{i}."
+            _load(layer, checkpoint, prefix)
+            handles = [module.register_forward_pre_hook(record(f"{prefix}{name}.weight"))
+                       for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+            rows = config.window(i) or len(ids)
+            cache = tuple(torch.zeros(1, config.num_kv_heads, rows, config.head_dim) for _ in range(2))
+            x, _ = layer(x, tables[layer.attn.kind], past, groups, cache)
+            for handle in handles:
+                handle.remove()
+            layer.to("meta")
+        _load(text.final_norm, checkpoint, FINAL_NORM + ".")
+        importance[EMBED] = text.final_norm(x)[0].double().square().mean(0).float().numpy()
+    return importance
