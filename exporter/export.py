@@ -21,8 +21,11 @@ import onnx_ir as ir
 from gemma3.graphs.config import Gemma3Config
 from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint
 from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
+from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_importance
 from .lower_ort import lower_to_group_query_attention
+from .lower_ort_images import lower_bidirectional
 from .quantize import Precision
 from .trace import constants, trace_decoder
 from .weight_pass import plan_weights
@@ -41,9 +44,10 @@ def local_capacity(window: int) -> int:
     return window + max(16, window // 4)
 
 
-def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool) -> tuple[ir.Model, WeightPlan]:
-    model = trace_decoder(config, all_logits=all_logits)
-    lower_to_group_query_attention(model)
+def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool,
+                   images: bool = False) -> tuple[ir.Model, WeightPlan]:
+    model = trace_decoder(config, all_logits=all_logits, images=images)
+    (lower_bidirectional if images else lower_to_group_query_attention)(model)
     plan = WeightPlan(DATA_FILE)
     plan_weights(model, precision, plan, {k: v.numpy() for k, v in constants(config).items()})
     return model, plan
@@ -73,7 +77,7 @@ def _save_graph(model: ir.Model, path: Path) -> None:
     onnx.save(proto, path)
 
 
-def _io(config: Gemma3Config, file: str, logits: str) -> dict:
+def _io(config: Gemma3Config, file: str, logits: str, images: bool = False) -> dict:
     layers = []
     for i, kind in enumerate(config.layer_types):
         window = config.window(i)
@@ -82,8 +86,11 @@ def _io(config: Gemma3Config, file: str, logits: str) -> dict:
             "past_key": f"past_key.{i}", "past_value": f"past_value.{i}",
             "present_key": f"present_key.{i}", "present_value": f"present_value.{i}",
         })
-    return {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
-            "logits_output": "logits", "cache_dtype": "float32", "layers": layers}
+    io = {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
+          "logits_output": "logits", "cache_dtype": "float32", "layers": layers}
+    if images:
+        io["image_features"] = "image_features"  # [rows, hidden]: the soft tokens' rows in this step, in order
+    return io
 
 
 def _versions() -> dict[str, str]:
@@ -121,8 +128,13 @@ def export(
     max_context: int | None = None,
     eval_graph: bool = True,
     force: bool = False,
+    calibration_tokens: int = CALIBRATION_TOKENS,
 ) -> Path:
-    """Write `out_dir` (decoder.onnx, decoder.onnx.data, tokenizer.model, manifest.json); returns its path."""
+    """Write `out_dir` (decoder.onnx, decoder.onnx.data, tokenizer.model, manifest.json); returns its path.
+
+    `calibration_tokens`: length of the calibration text for asymmetric 4-bit (0: uniform importance). Random
+    weights are never calibrated: their activations say nothing about a real model's.
+    """
     if target != "ort":
         raise ValueError(f"target {target!r} is not available yet; use --target ort")
     config = checkpoint.config
@@ -134,28 +146,43 @@ def export(
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         log.info("tracing the decoder step (%s, %d layers)", config.name, config.num_layers)
+        tokenizer = _write_tokenizer(checkpoint, work)
         model, plan = _decoder_graph(config, precision, all_logits=False)
+        calibration = None
+        if precision.calibrated and calibration_tokens > 0 and not isinstance(checkpoint, RandomCheckpoint):
+            import sentencepiece
+
+            encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
+            ids = calibration_ids(encode, config.bos_token_id, calibration_tokens)
+            log.info("calibrating 4-bit ranges on %d tokens", len(ids))
+            plan.importance = input_importance(checkpoint, ids)
+            calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
+                           "tokens": len(ids)}
         size = plan.layout(model.graph, work)
         plan.write(checkpoint, work / DATA_FILE, size)
         _save_graph(model, work / "decoder.onnx")
         manifest = {"decoder": _io(config, "decoder.onnx", "last")}
-        if eval_graph:  # all-position logits for perplexity; the same weights file, planned identically
-            eval_model, eval_plan = _decoder_graph(config, precision, all_logits=True)
-            if eval_plan.layout(eval_model.graph, work) != size:
-                raise AssertionError("evaluation graph planned different weights")
-            _save_graph(eval_model, work / "decoder_all_logits.onnx")
-            manifest["eval_decoder"] = _io(config, "decoder_all_logits.onnx", "all")
+        # more graphs over the same weights file, planned identically:
+        variants = {"eval_decoder": ("decoder_all_logits.onnx", "all", False)} if eval_graph else {}
+        if config.vision is not None:  # steps holding image soft tokens (bidirectional groups)
+            variants["image_decoder"] = ("decoder_images.onnx", "last", True)
+        for key, (file, logits, images) in variants.items():
+            variant, variant_plan = _decoder_graph(config, precision, all_logits=logits == "all", images=images)
+            if variant_plan.layout(variant.graph, work) != size:
+                raise AssertionError(f"{file} planned different weights")
+            _save_graph(variant, work / file)
+            manifest[key] = _io(config, file, logits, images)
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": config.to_dict(),
             "precision": precision.name,
             "quantization": {"linear_bits": precision.linear_bits, "embed_bits": precision.embed_bits,
                              "block_size": precision.block_size, "accuracy_level": precision.accuracy_level,
-                             "scheme": "symmetric RTN, blockwise along K"} if precision.quantized else None,
+                             "scheme": precision.scheme, "calibration": calibration} if precision.quantized else None,
             "target": target,
             "max_context": max_context,
             **manifest,
-            "tokenizer": _write_tokenizer(checkpoint, work),
+            "tokenizer": tokenizer,
             "generation_defaults": GENERATION_DEFAULTS,
             "source": {"checkpoint": checkpoint.source, "weights_bytes": size},
             "versions": _versions(),

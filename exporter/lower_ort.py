@@ -33,7 +33,7 @@ def _op(graph: ir.Graph, anchor: ir.Node, op_type: str, inputs, name: str, **att
     return node.outputs[0]
 
 
-def _sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value]:
+def sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value]:
     """seqlens_k [1] int32 = past_len + S - 1 and total_sequence_length [] int32 = past_len + S."""
     input_ids, past_len = graph.inputs[0], graph.inputs[1]
     new_tokens = _op(graph, anchor, "Shape", [input_ids], "attn.new_tokens", start=1, end=2)  # [1] int64
@@ -46,22 +46,27 @@ def _sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Va
     return seqlens, _op(graph, anchor, "Reshape", [total_i32, scalar_shape], "attn.total_sequence_length")
 
 
+def gqa_attributes(attrs: dict, windowed: bool = True) -> dict:
+    """GroupQueryAttention's attributes for a HybridAttention node's; local layers windowed unless told not."""
+    out = {"num_heads": attrs["num_heads"], "kv_num_heads": attrs["num_kv_heads"], "scale": attrs["scale"]}
+    if windowed and attrs["window"] > 0:
+        out.update(local_window_size=attrs["window"], sliding_window_cache=1)
+    return out
+
+
 def lower_to_group_query_attention(model: ir.Model) -> int:
     """Replace every HybridAttention node in place; returns how many were lowered."""
     graph = model.graph
     nodes = [n for n in graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
     if not nodes:
         return 0
-    seqlens, total = _sequence_lengths(graph, nodes[0])
+    seqlens, total = sequence_lengths(graph, nodes[0])
     for index, node in enumerate(nodes):
         attrs = {a.name: a.value for a in node.attributes.values()}
         q, k, v, k_cache, v_cache = node.inputs[:5]
-        gqa_attrs = {"num_heads": attrs["num_heads"], "kv_num_heads": attrs["num_kv_heads"], "scale": attrs["scale"]}
-        if attrs["window"] > 0:
-            gqa_attrs.update(local_window_size=attrs["window"], sliding_window_cache=1)
         gqa = ir.Node(
             MS_DOMAIN, "GroupQueryAttention", [q, k, v, k_cache, v_cache, seqlens, total],
-            ir.convenience.convert_attributes(gqa_attrs), num_outputs=3, name=f"layers.{index}.attn.gqa",
+            ir.convenience.convert_attributes(gqa_attributes(attrs)), num_outputs=3, name=f"layers.{index}.attn.gqa",
         )
         graph.insert_before(node, gqa)
         for old, new in zip(node.outputs, gqa.outputs):

@@ -46,9 +46,10 @@ class DecoderStep(torch.nn.Module):
         self.model = model
         self.all_logits = all_logits
 
-    def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, cache: list[torch.Tensor]):
+    def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, cache: list[torch.Tensor],
+                image_features: torch.Tensor | None = None):
         pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
-        logits, new_cache = self.model.step(input_ids, past_len, pairs, last_only=not self.all_logits)
+        logits, new_cache = self.model.step(input_ids, past_len, pairs, image_features, last_only=not self.all_logits)
         return (logits, *[t for pair in new_cache for t in pair])
 
 
@@ -58,8 +59,14 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
     return {f"model.text.rope.{name}": buffer for name, buffer in tables.named_buffers()}
 
 
-def trace_decoder(config: Gemma3Config, all_logits: bool = False) -> ir.Model:
-    """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data."""
+def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False) -> ir.Model:
+    """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
+
+    images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
+    order (multimodal configs; the runtime uses this graph only for chunks that hold an image).
+    """
+    if images and config.vision is None:
+        raise ValueError(f"the {config.name} model is text-only; it has no image graph")
     layers = config.num_layers
     with torch.device("meta"):  # everything traced on meta: no weight is ever allocated
         step = DecoderStep(Gemma3(config), all_logits).eval()
@@ -70,21 +77,28 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False) -> ir.Model:
             cache += [torch.zeros(shape), torch.zeros(shape)]
         args = (torch.zeros((1, 4), dtype=torch.int64), torch.tensor(0, dtype=torch.int64), cache)
         cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
+        dynamic_shapes = ({1: "new_tokens"}, None, cache_dims)
+        if images:
+            args += (torch.zeros((2, config.hidden_size)),)
+            dynamic_shapes += ({0: "image_rows"},)
         with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
                 step, args, dynamo=True, optimize=False, verbose=False, opset_version=23,
                 custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
-                dynamic_shapes=({1: "new_tokens"}, None, cache_dims),
+                dynamic_shapes=dynamic_shapes,
             )
     onnx_model = program.model
-    _name_io(onnx_model.graph, layers)
+    _name_io(onnx_model.graph, layers, images)
     return onnx_model
 
 
-def _name_io(graph: ir.Graph, layers: int) -> None:
-    """Stable, documented IO names: input_ids, past_len, past_key.{i}, past_value.{i} -> logits, present_*."""
+def _name_io(graph: ir.Graph, layers: int, images: bool) -> None:
+    """Stable, documented IO names: input_ids, past_len, past_key.{i}, past_value.{i}[, image_features]
+    -> logits, present_key.{i}, present_value.{i}."""
     graph.inputs[0].name, graph.inputs[1].name = "input_ids", "past_len"
+    if images:
+        graph.inputs[2 + 2 * layers].name = "image_features"
     graph.outputs[0].name = "logits"
     for i in range(layers):
         graph.inputs[2 + 2 * i].name = f"past_key.{i}"

@@ -25,11 +25,19 @@ class Steps:
                 shape = (1, model["num_kv_heads"], rows, model["head_dim"])
                 self.cache[layer[f"past_{kind}"]] = np.zeros(shape, np.float32)
         self.past = 0
+        self.folder, self.options, self.image_session = folder, options, None
 
-    def __call__(self, ids: np.ndarray) -> np.ndarray:
-        """Feed ids (1, S) after the tokens fed so far; returns the logits the graph gives."""
+    def __call__(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        """Feed ids (1, S) after the tokens fed so far; returns the logits the graph gives. With image_features
+        (the step's soft-token rows), the manifest's image_decoder runs the step on the same caches."""
         feeds = {"input_ids": ids.astype(np.int64), "past_len": np.array(self.past, np.int64), **self.cache}
-        result = dict(zip(self.outputs, self.session.run(None, feeds)))
+        session = self.session
+        if image_features is not None:
+            if self.image_session is None:
+                file = self.folder / self.manifest["image_decoder"]["file"]
+                self.image_session = ort.InferenceSession(str(file), self.options, providers=["CPUExecutionProvider"])
+            session, feeds["image_features"] = self.image_session, image_features.astype(np.float32)
+        result = dict(zip(self.outputs, session.run(self.outputs, feeds)))
         for layer in self.io["layers"]:
             for kind in ("key", "value"):
                 present = result[layer[f"present_{kind}"]]
