@@ -21,11 +21,13 @@ import numpy as np
 
 from gemma3.runtime.chat import Message, next_user_turn_ids, raw_prompt_ids, render_chat
 from gemma3.runtime.generate import GenerationStats, Piece, check_prompt, generate
+from gemma3.runtime.images import BOI_TOKEN
 from gemma3.runtime.kv_cache import KVCache
 from gemma3.runtime.manifest import Manifest, ManifestError, load_manifest, require_file
 from gemma3.runtime.ort_decoder import DEFAULT_CHUNK, OrtDecoder
 from gemma3.runtime.sampling import SamplingParams, make_rng
 from gemma3.runtime.tokenizer import Tokenizer
+from gemma3.runtime.vision import ImageInput, ImagePrompt, OrtVision, encode_images
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ class Result:
             "prefill_tokens_per_s": round(s.prefill_tokens_per_s, 2),
             "decode_tokens_per_s": round(s.decode_tokens_per_s, 2),
             "peak_rss_mb": round(s.peak_rss_mb, 1), "kv_cache_bytes": s.kv_cache_bytes,
+            **({"images": s.images, "crops": s.crops, "vision_seconds": [round(t, 3) for t in s.vision_seconds]}
+               if s.images else {}),
         }
 
 
@@ -94,43 +98,80 @@ class Model:
         if "top_k" in shipped:
             shipped["top_k"] = int(shipped["top_k"])
         self.defaults = SamplingParams().updated(shipped)
+        self._vision: OrtVision | None = None
+
+    @property
+    def sees_images(self) -> bool:
+        return self.manifest.vision is not None and self.manifest.image_decoder is not None
+
+    def encode_images(self, images: Sequence[ImageInput], pan_and_scan: bool = False, max_crops: int = 4
+                      ) -> ImagePrompt:
+        """Images (paths or PIL images) -> their features, via Pan & Scan and the vision graph."""
+        if not self.sees_images:
+            raise ValueError(f"the {self.manifest.model.name} model is text-only: it cannot take images")
+        if self._vision is None:
+            from gemma3.runtime.ort_decoder import session_options
+
+            self._vision = OrtVision(self.manifest, session_options(self.decoder.threads))
+        return encode_images(self._vision, self.manifest, images, pan_and_scan, max_crops)
 
     def sampling(self, **overrides: Any) -> SamplingParams:
         """The checkpoint's sampling defaults with `overrides` applied (None values keep the default)."""
         return self.defaults.updated(overrides)
 
-    def prompt_ids(self, prompt: Prompt, system: str | None = None, raw: bool = False) -> list[int]:
-        """A text prompt through the chat template (or raw, after <bos>), or a list of chat messages."""
+    def prompt_ids(self, prompt: Prompt, system: str | None = None, raw: bool = False,
+                   images: ImagePrompt | None = None) -> list[int]:
+        """A text prompt through the chat template (or raw, after <bos>), or a list of chat messages.
+
+        With `images`, each `<start_of_image>` in the text (or {"type": "image"} message part) takes the next
+        image; a text prompt without any gets all of them in front, as `[image, ..., text]` content would.
+        """
+        encoder = self.tokenizer if images is None else images.encoder(self.tokenizer)
         if isinstance(prompt, str):
+            if images is not None and BOI_TOKEN not in prompt:
+                prompt = BOI_TOKEN * len(images.crops) + prompt
             if raw:
                 if system is not None:
                     raise ValueError("a system prompt needs the chat template (drop raw)")
-                return raw_prompt_ids(self.tokenizer, prompt)
-            messages: list[Message] = [{"role": "system", "content": system}] if system is not None else []
-            return render_chat(self.tokenizer, [*messages, {"role": "user", "content": prompt}])
-        if raw or system is not None:
-            raise ValueError("raw and system apply to text prompts; put a system message in the list instead")
-        return render_chat(self.tokenizer, prompt)
+                ids = raw_prompt_ids(encoder, prompt)
+            else:
+                messages: list[Message] = [{"role": "system", "content": system}] if system is not None else []
+                ids = render_chat(encoder, [*messages, {"role": "user", "content": prompt}])
+        else:
+            if raw or system is not None:
+                raise ValueError("raw and system apply to text prompts; put a system message in the list instead")
+            ids = render_chat(encoder, prompt)
+        if images is not None:
+            images.check_used()
+        return ids
 
     def _run(self, cache: KVCache, ids: list[int], params: SamplingParams, max_new_tokens: int,
              history: Sequence[int] = (), on_done: Callable[[Result], None] | None = None,
-             rng: np.random.Generator | None = None) -> Stream:
+             rng: np.random.Generator | None = None, images: ImagePrompt | None = None) -> Stream:
         check_prompt(cache, len(ids))  # before anything runs, so errors surface at the call
         stats = GenerationStats()
+        if images is not None:
+            stats.images, stats.crops, stats.vision_seconds = len(images.crops), images.crops, images.vision_seconds
         pieces = generate(self.decoder, cache, ids, params, max_new_tokens, stream=self.tokenizer.stream(),
-                          history=history, rng=rng, stats=stats)
+                          history=history, rng=rng, stats=stats,
+                          image_features=None if images is None else images.features)
         return Stream(pieces, stats, on_done)
 
     def stream(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **sampling: Any) -> Stream:
-        """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`."""
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] = (),
+               pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
+        """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`.
+        `images`: paths or PIL images, placed at the prompt's `<start_of_image>` markers (or in front)."""
         params = self.sampling(**sampling)
-        ids = self.prompt_ids(prompt, system, raw)
-        return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens)
+        encoded = self.encode_images(images, pan_and_scan, max_crops) if images else None
+        ids = self.prompt_ids(prompt, system, raw, encoded)
+        return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens, images=encoded)
 
     def generate(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, **sampling: Any) -> Result:
-        return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, **sampling).consume()
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] = (),
+                 pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Result:
+        return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, images=images,
+                           pan_and_scan=pan_and_scan, max_crops=max_crops, **sampling).consume()
 
     def chat(self, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
              **sampling: Any) -> ChatSession:
@@ -154,13 +195,18 @@ class ChatSession:
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})
 
-    def stream(self, text: str, max_new_tokens: int | None = None, **sampling: Any) -> Stream:
-        """Send a user message; iterate the returned `Stream` for the reply's text pieces."""
+    def stream(self, text: str, max_new_tokens: int | None = None, images: Sequence[ImageInput] = (),
+               pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
+        """Send a user message (with `images` at its `<start_of_image>` markers, or in front); iterate the
+        returned `Stream` for the reply's text pieces."""
         if self._last is not None and self._last.result is None:
             raise RuntimeError("iterate the previous reply's stream to its end before sending another message")
         params = self.params.updated(sampling)
         rng = make_rng(params.seed) if "seed" in sampling else self._rng
-        tok = self.model.tokenizer
+        encoded = self.model.encode_images(images, pan_and_scan, max_crops) if images else None
+        tok = self.model.tokenizer if encoded is None else encoded.encoder(self.model.tokenizer)
+        if encoded is not None and BOI_TOKEN not in text:
+            text = BOI_TOKEN * len(encoded.crops) + text
         first = self.cache is None
         if first:
             new = next_user_turn_ids(tok, text, self.system, first=True)
@@ -171,7 +217,10 @@ class ChatSession:
         fed = cache.length
         feed = self.tokens[fed:] + new  # the last reply's unfed token(s), then the new turn
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        stream = self.model._run(cache, feed, params, limit, history=self.tokens[:fed], on_done=self._finish, rng=rng)
+        if encoded is not None:
+            encoded.check_used()
+        stream = self.model._run(cache, feed, params, limit, history=self.tokens[:fed], on_done=self._finish, rng=rng,
+                                 images=encoded)
         self.cache, self._last = cache, stream
         self.tokens += new
         self.messages.append({"role": "user", "content": text})

@@ -7,7 +7,8 @@ google/gemma-3-*-it, reproduced in tests/test_runtime_chat.py):
 
 - a leading system message is folded into the first user turn (its text is not trimmed, as in the template);
 - the other roles must alternate user / model, starting with user; "assistant" is rendered "model";
-- message text is trimmed; content may be a string or a list of {"type": "text", "text": ...} parts.
+- message text is trimmed; content may be a string or a list of {"type": "text", "text": ...} and
+  {"type": "image"} parts; an image part becomes `<start_of_image>`, which the prompt's image encoder expands.
 
 The control tokens (<bos>, <start_of_turn>, <end_of_turn>) are inserted as ids: the text between them is
 encoded as one string, so the ids equal those of tokenizing the rendered template text as a whole.
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
+
+from gemma3.runtime.images import BOI_TOKEN
 
 BOS_ID = 2  # <bos>
 EOS_ID = 1  # <eos>
@@ -48,7 +51,7 @@ def message_text(message: Message, trim: bool = True) -> str:
         if kind == "text":
             texts.append(part["text"].strip() if trim else part["text"])
         elif kind == "image":
-            raise ValueError("image content is not supported by the text runtime")
+            texts.append(BOI_TOKEN)  # where the image goes; the prompt's encoder expands it (runtime/vision.py)
         else:
             raise ValueError(f"unsupported message content part {part!r}")
     return "".join(texts)

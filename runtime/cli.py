@@ -3,6 +3,8 @@
     gemma3-run --model out/gemma-3-270m-it -p "Why is the sky blue?"
     echo "Write a haiku." | gemma3-run --model out/gemma-3-270m-it --temperature 0 --json
     gemma3-run --model out/gemma-3-270m-it --chat --system "Answer briefly."
+    gemma3-run --model out/gemma-3-4b-it --image cat.jpg -p "What is in this image?"
+    gemma3-run --model out/gemma-3-4b-it --image a.png --image b.png -p "Is <start_of_image> like <start_of_image>?"
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from gemma3.runtime.manifest import ManifestError
 log = logging.getLogger("gemma3.runtime.cli")
 PROG = "gemma3-run"
 EXIT_USAGE = 2  # bad arguments, unusable model folder, prompt too long
-CHAT_HELP = "chat: type a message and press Enter; /reset starts over, /exit (or Ctrl-D) quits"
+CHAT_HELP = ("chat: type a message and press Enter; /image PATH attaches an image to your next message, "
+             "/reset starts over, /exit (or Ctrl-D) quits")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -51,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="no chat template: the prompt is plain text after <bos>")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, metavar="N",
                    help="stop after N generated tokens")
+    i = p.add_argument_group("images (4b, 12b, 27b)")
+    i.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="an image for the prompt (repeatable); placed at each <start_of_image> in the prompt, in "
+                   "order, or before the text when the prompt has none. In --chat, attach one with /image PATH")
+    i.add_argument("--pan-and-scan", action="store_true",
+                   help="also show the model crops of long images (Pan & Scan: aspect ratio over 1.2)")
+    i.add_argument("--max-crops", type=int, default=4, metavar="N", help="Pan & Scan crops per image at most")
     s = p.add_argument_group("sampling (default: the manifest's generation_defaults)")
     s.add_argument("--temperature", type=float, metavar="T", help="softmax temperature; 0 = greedy")
     s.add_argument("--top-k", type=int, metavar="K", help="keep the K most likely tokens; 0 = off")
@@ -85,11 +95,12 @@ def _emit(stream: Stream, out: TextIO, as_json: bool) -> Result:
     return result
 
 
-def _chat_loop(session: ChatSession, first: str | None, inp: TextIO, out: TextIO, as_json: bool) -> None:
+def _chat_loop(session: ChatSession, first: str | None, inp: TextIO, out: TextIO, as_json: bool,
+               images: list[str] | None = None, **image_options) -> None:
     interactive = inp.isatty()
     if interactive:
         print(CHAT_HELP, file=sys.stderr)
-    pending = first
+    pending, attached = first, list(images or [])
     while True:
         if pending is not None:
             text, pending = pending, None
@@ -105,27 +116,42 @@ def _chat_loop(session: ChatSession, first: str | None, inp: TextIO, out: TextIO
         if command == "/reset":
             session.reset()
             continue
+        if command.startswith("/image"):
+            path = command[len("/image"):].strip()
+            if path:
+                attached.append(path)
+            else:
+                print(f"{PROG}: usage: /image PATH", file=sys.stderr)
+            continue
         if not command:
             continue
         try:
-            _emit(session.stream(text), out, as_json)
+            _emit(session.stream(text, images=attached, **image_options), out, as_json)
         except ContextLengthError as e:
             print(f"{PROG}: error: {e} (/reset starts a new conversation)", file=sys.stderr)
+        except ValueError as e:  # a bad image, or images for a text-only model: the chat goes on
+            print(f"{PROG}: error: {e}", file=sys.stderr)
+        attached = []
 
 
 def _run(args: argparse.Namespace) -> int:
     sampling = sampling_overrides({k: getattr(args, k) for k in vars(args)})
     model: Model = load(args.model, threads=args.threads)
+    if (args.image or args.pan_and_scan) and not model.sees_images:
+        raise ValueError(f"the {model.manifest.model.name} model is text-only: it cannot take images "
+                         "(images need a 4b, 12b or 27b export)")
+    image_options = {"pan_and_scan": args.pan_and_scan, "max_crops": args.max_crops}
     if args.chat:
         session = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
-        _chat_loop(session, args.prompt, sys.stdin, sys.stdout, args.json)
+        _chat_loop(session, args.prompt, sys.stdin, sys.stdout, args.json, args.image, **image_options)
         return 0
     prompt = args.prompt
     if prompt is None:
         if sys.stdin.isatty():
             raise ValueError("give a prompt with -p TEXT (or on stdin), or use --chat")
         prompt = sys.stdin.read()
-    stream = model.stream(prompt, system=args.system, raw=args.raw, max_new_tokens=args.max_new_tokens, **sampling)
+    stream = model.stream(prompt, system=args.system, raw=args.raw, max_new_tokens=args.max_new_tokens,
+                          images=args.image, **image_options, **sampling)
     _emit(stream, sys.stdout, args.json)
     return 0
 
@@ -141,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--max-new-tokens must be >= 0")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be >= 1")
+    if args.max_crops < 1:
+        parser.error("--max-crops must be >= 1")
     try:
         return _run(args)
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly

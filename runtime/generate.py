@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -29,7 +29,8 @@ __all__ = ["ContextLengthError", "GenerationStats", "Piece", "check_prompt", "de
 class Decoder(Protocol):
     def step(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray: ...
 
-    def prefill(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray: ...
+    def prefill(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None
+                ) -> np.ndarray: ...
 
 
 class TextStream(Protocol):
@@ -58,6 +59,9 @@ class GenerationStats:
     kv_cache_bytes: int = 0  # cache memory allocated at the end
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far
     finish_reason: str | None = None  # "stop", "length", "context" or "cancelled" (consumer stopped early)
+    images: int = 0  # images in the prompt
+    crops: list[int] = field(default_factory=list)  # Pan & Scan crops per image
+    vision_seconds: list[float] = field(default_factory=list)  # vision graph time per image (crops included)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -96,9 +100,13 @@ def check_prompt(cache: KVCache, prompt_tokens: int) -> None:
         )
 
 
-def prefill(decoder: Decoder, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
-    """Feed the prompt (chunked by the decoder); the logits [vocab] that predict the next token."""
-    return decoder.prefill(cache, ids)
+def prefill(decoder: Decoder, cache: KVCache, ids: np.ndarray | list[int],
+            image_features: np.ndarray | None = None) -> np.ndarray:
+    """Feed the prompt (chunked by the decoder); the logits [vocab] that predict the next token.
+    `image_features`: one row per image soft token of the prompt, in order (or None)."""
+    if image_features is None:
+        return decoder.prefill(cache, ids)
+    return decoder.prefill(cache, ids, image_features)
 
 
 def decode_step(decoder: Decoder, cache: KVCache, token: int) -> np.ndarray:
@@ -134,6 +142,7 @@ def generate(
     history: Iterable[int] = (),
     rng: np.random.Generator | None = None,
     stats: GenerationStats | None = None,
+    image_features: np.ndarray | None = None,
 ) -> Iterator[Piece]:
     """Prefill `prompt_ids` after what `cache` holds and yield the generated tokens as `Piece`s.
 
@@ -148,7 +157,7 @@ def generate(
     check_prompt(cache, len(prompt_ids))
     stats.prompt_tokens = len(prompt_ids)
     start = time.perf_counter()
-    logits = prefill(decoder, cache, prompt_ids)
+    logits = prefill(decoder, cache, prompt_ids, image_features)
     seen = _Seen(logits.shape[-1], [*history, *prompt_ids], params.repetition_penalty != 1.0)
     stats.prefill_seconds = time.perf_counter() - start
     reason = "length"

@@ -38,6 +38,8 @@ class ModelInfo:
     eos_token_id: int = 1
     pad_token_id: int = 0
     image_token_id: int | None = None  # None for text-only exports
+    boi_token_id: int | None = None  # <start_of_image>
+    eoi_token_id: int | None = None  # <end_of_image>
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -65,6 +67,18 @@ class DecoderSpec:
     logits_output: str
     cache_dtype: str  # numpy dtype name of every cache tensor
     layers: tuple[LayerCache, ...]
+    image_features: str | None = None  # float32 [rows, hidden]: the image graph's soft-token rows
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    """The vision graph: pixel_values [N, 3, size, size] -> image_features [N, tokens, hidden]."""
+
+    file: Path
+    pixel_values: str
+    image_features: str
+    image_size: int
+    tokens_per_image: int
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,8 @@ class Manifest:
     max_context: int  # the longest conversation (prompt + generated tokens) the export supports
     decoder: DecoderSpec
     eval_decoder: DecoderSpec | None  # all-position logits, for perplexity; optional
+    image_decoder: DecoderSpec | None  # steps holding image soft tokens (multimodal exports)
+    vision: VisionSpec | None  # the image encoder (multimodal exports)
     tokenizer: Path  # absolute path of the SentencePiece model
     generation_defaults: dict[str, float]  # sampling defaults shipped with the checkpoint
     source: dict[str, Any] = field(default_factory=dict)
@@ -148,6 +164,17 @@ def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: i
         logits_output=r.get(d, "logits_output", path, str),
         cache_dtype=cache_dtype,
         layers=tuple(_layer(r, layer, f"{path}.layers[{i}]") for i, layer in enumerate(layers)),
+        image_features=r.get(d, "image_features", path, str, optional=True),
+    )
+
+
+def _vision(r: _Reader, root: Path, d: dict[str, Any]) -> VisionSpec:
+    return VisionSpec(
+        file=root / r.get(d, "file", "vision", str),
+        pixel_values=r.get(d, "pixel_values", "vision", str),
+        image_features=r.get(d, "image_features", "vision", str),
+        image_size=r.get(d, "image_size", "vision", int),
+        tokens_per_image=r.get(d, "tokens_per_image", "vision", int),
     )
 
 
@@ -161,6 +188,8 @@ def _model(r: _Reader, d: dict[str, Any]) -> ModelInfo:
     return ModelInfo(
         name=str(d.get("name", "custom")),
         image_token_id=r.get(d, "image_token_id", "model", int, optional=True),
+        boi_token_id=r.get(d, "boi_token_id", "model", int, optional=True),
+        eoi_token_id=r.get(d, "eoi_token_id", "model", int, optional=True),
         config=dict(d),
         **values,
     )
@@ -189,6 +218,12 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     if max_context < 2:
         raise r.fail(f"'max_context' must be at least 2, got {max_context}")
     eval_dict = r.get(data, "eval_decoder", "", dict, optional=True)
+    image_dict = r.get(data, "image_decoder", "", dict, optional=True)
+    vision_dict = r.get(data, "vision", "", dict, optional=True)
+    if (image_dict is None) != (vision_dict is None):
+        raise r.fail("'image_decoder' and 'vision' come together (a multimodal export has both)")
+    if image_dict is not None and not image_dict.get("image_features"):
+        raise r.fail("'image_decoder.image_features' is missing")
     defaults = r.get(data, "generation_defaults", "", dict, optional=True) or {}
     for k, v in defaults.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -202,6 +237,8 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         max_context=max_context,
         decoder=_decoder(r, root, r.get(data, "decoder", "", dict), "decoder", model.num_layers),
         eval_decoder=None if eval_dict is None else _decoder(r, root, eval_dict, "eval_decoder", model.num_layers),
+        image_decoder=None if image_dict is None else _decoder(r, root, image_dict, "image_decoder", model.num_layers),
+        vision=None if vision_dict is None else _vision(r, root, vision_dict),
         tokenizer=root / r.get(data, "tokenizer", "", str),
         generation_defaults=dict(defaults),
         source=r.get(data, "source", "", dict, optional=True) or {},

@@ -62,26 +62,28 @@ class OrtDecoder:
             )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
-        self._check_io()
+        self._check_io(self.session, self.spec)
         self._binding = self.session.io_binding()
         self._bound: tuple[int, int] | None = None  # (serial of the cache, its version) currently bound
+        self._image_graph: OrtDecoder | None = None  # steps holding image soft tokens, loaded on first use
         vocab = manifest.model.vocab_size
         # "last" graphs always return [1, 1, vocab]: one preallocated output, reused by every step.
         self._logits = np.zeros((1, 1, vocab), np.float32) if self.spec.logits == "last" else None
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits) if self._logits is not None else None
         log.info("loaded %s (%d threads, logits: %s)", path.name, self.threads, self.spec.logits)
 
-    def _check_io(self) -> None:
-        inputs = {i.name for i in self.session.get_inputs()}
-        outputs = {o.name for o in self.session.get_outputs()}
-        want_in = {self.spec.input_ids, self.spec.past_len}
-        want_out = {self.spec.logits_output}
-        for layer in self.spec.layers:
+    @staticmethod
+    def _check_io(session: ort.InferenceSession, spec: DecoderSpec) -> None:
+        inputs = {i.name for i in session.get_inputs()}
+        outputs = {o.name for o in session.get_outputs()}
+        want_in = {spec.input_ids, spec.past_len} | ({spec.image_features} if spec.image_features else set())
+        want_out = {spec.logits_output}
+        for layer in spec.layers:
             want_in |= {layer.past_key, layer.past_value}
             want_out |= {layer.present_key, layer.present_value}
         missing = sorted(want_in - inputs) + sorted(want_out - outputs)
         if missing:
-            raise ManifestError(f"{self.spec.file.name} lacks the inputs/outputs {', '.join(missing)} of its manifest")
+            raise ManifestError(f"{spec.file.name} lacks the inputs/outputs {', '.join(missing)} of its manifest")
 
     def new_cache(self, expected_tokens: int = 0) -> KVCache:
         """An empty cache whose global layers start with room for `expected_tokens` (rounded up)."""
@@ -102,21 +104,42 @@ class OrtDecoder:
             self._binding.bind_ortvalue_output(present, value)
         self._bound = (cache.serial, cache.version)
 
-    def step(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
+    @property
+    def sees_images(self) -> bool:
+        return self.manifest.image_decoder is not None and self.manifest.model.image_token_id is not None
+
+    def _image_decoder(self) -> OrtDecoder:
+        if not self.sees_images:
+            raise ValueError(f"the {self.manifest.model.name} export is text-only: it takes no images")
+        if self._image_graph is None:
+            self._image_graph = OrtDecoder(self.manifest, self.manifest.image_decoder, self.threads, self.chunk_size)
+        return self._image_graph
+
+    def step(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None) -> np.ndarray:
         """Run the graph over `ids` at past_len = cache.length, advance the cache, return the logits.
 
         The logits are [vocab] for the last position ("last" graphs) or [S, vocab] ("all" graphs), float32,
-        owned by the caller.
+        owned by the caller. `image_features` [rows, hidden]: one row per image soft token in `ids`, in order;
+        such a step runs the image graph (bidirectional image groups) on the same cache, and must hold whole
+        images only.
         """
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
         n = ids.shape[1]
         if n == 0:
             raise ValueError("a decoder step needs at least one token")
+        image_rows = int((ids == self.manifest.model.image_token_id).sum()) if self.sees_images else 0
+        if image_rows and self.spec.image_features is None:
+            if image_features is None or len(image_features) != image_rows:
+                got = "none" if image_features is None else len(image_features)
+                raise ValueError(f"{image_rows} image soft tokens in this step but {got} image feature rows")
+            return self._image_decoder().step(cache, ids, image_features)
         cache.reserve(n)
         self._bind_cache(cache)
         b = self._binding
         b.bind_cpu_input(self.spec.input_ids, ids)
         b.bind_cpu_input(self.spec.past_len, np.array(cache.length, dtype=np.int64))
+        if self.spec.image_features is not None:
+            b.bind_cpu_input(self.spec.image_features, np.ascontiguousarray(image_features, dtype=np.float32))
         if self._logits_value is not None:
             logits, value = self._logits, self._logits_value
         else:  # "all": a fresh [1, S, vocab] buffer the caller keeps
@@ -127,14 +150,36 @@ class OrtDecoder:
         cache.advance(n)
         return logits[0, -1].copy() if logits is self._logits else logits[0]
 
-    def prefill(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray:
-        """Feed `ids` in chunks of at most `chunk_size`; the logits of the last chunk's step."""
+    def chunks(self, ids: np.ndarray) -> list[tuple[int, int]]:
+        """[start, end) steps of at most `chunk_size` tokens, stretched so that no image is split."""
+        image = self.manifest.model.image_token_id if self.sees_images else None
+        bounds, start = [], 0
+        while start < ids.size:
+            end = min(start + self.chunk_size, ids.size)
+            while image is not None and 0 < end < ids.size and ids[end - 1] == image and ids[end] == image:
+                end += 1  # an image's soft tokens stay in one step: their attention is bidirectional
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def prefill(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None
+                ) -> np.ndarray:
+        """Feed `ids` in chunks of at most `chunk_size` (longer only to keep an image whole); the logits of the
+        last chunk's step. `image_features` [rows, hidden]: the rows of every image soft token in `ids`."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("nothing to prefill")
         cache.check_room(ids.size)  # fail before running anything
         cache.reserve(ids.size)  # grow once for the whole prompt, not chunk by chunk
-        logits = None
-        for start in range(0, ids.size, self.chunk_size):
-            logits = self.step(cache, ids[start : start + self.chunk_size])
+        image = self.manifest.model.image_token_id if self.sees_images else None
+        rows = int((ids == image).sum()) if image is not None else 0
+        given = 0 if image_features is None else len(image_features)
+        if rows != given:
+            raise ValueError(f"the prompt has {rows} image soft tokens but {given} image feature rows")
+        logits, used = None, 0
+        for start, end in self.chunks(ids):
+            chunk = ids[start:end]
+            n = int((chunk == image).sum()) if image is not None else 0
+            logits = self.step(cache, chunk, image_features[used:used + n] if n else None)
+            used += n
         return logits

@@ -140,7 +140,6 @@ def test_raw_prompt(tok):
         ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], "role 'bot'"),
         ([{"role": "user"}], "mapping with 'role' and 'content'"),
         ([{"role": "user", "content": 3}], "string or a list of parts"),
-        ([{"role": "user", "content": [{"type": "image"}]}], "image content is not supported"),
         ([{"role": "user", "content": [{"type": "audio"}]}], "unsupported message content part"),
     ],
 )
@@ -157,3 +156,12 @@ def test_matches_transformers_apply_chat_template(tok, hf_270m_tokenizer, name):
         messages, chat_template=GEMMA3_TEMPLATE, add_generation_prompt=True, tokenize=True, return_dict=False
     )
     assert render_chat(tok, messages) == list(expected)
+
+
+def test_image_parts_become_start_of_image_markers():
+    """The template writes `<start_of_image>` for an image part, in place, next to the trimmed text parts."""
+    from gemma3.runtime.chat import message_text
+
+    message = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Describe it. "},
+                                            {"type": "image"}]}
+    assert message_text(message) == "<start_of_image>Describe it.<start_of_image>"

@@ -1,0 +1,102 @@
+"""The vision graph on ONNX Runtime, and the prompt side of images: which ids stand for them and their rows.
+
+`ImagePrompt` turns image files (or PIL images) into what a decoder step needs: pixel values through Pan & Scan
+and preprocessing (`images.py`), features from `vision.onnx` one image or crop at a time (one 896x896 SigLIP
+pass holds 16 heads x 4096^2 attention scores: about 1 GiB, so crops are not batched), and an encoder that
+expands each `<start_of_image>` in the prompt text exactly as transformers' Gemma3Processor does.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from gemma3.runtime.images import BOI_TOKEN, IMAGE_TOKEN, ImageLike, expand_image_tokens, prepare_images
+from gemma3.runtime.manifest import Manifest, ManifestError, require_file
+
+ImageInput = str | os.PathLike | ImageLike
+_SOFT_RUN = re.compile(f"((?:{re.escape(IMAGE_TOKEN)})+)")
+
+
+class OrtVision:
+    """`vision.onnx`: pixel values [N, 3, S, S] -> features [N, tokens, hidden], one image per run."""
+
+    def __init__(self, manifest: Manifest, options: ort.SessionOptions) -> None:
+        if manifest.vision is None or manifest.image_decoder is None:
+            raise ValueError(f"the {manifest.model.name} export is text-only: it takes no images")
+        self.spec = manifest.vision
+        path = require_file(self.spec.file, "vision graph")
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own exception types
+            raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
+
+    def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, list[float]]:
+        """Features [N * tokens, hidden] in order, and the seconds each image took."""
+        rows, seconds = [], []
+        for image in pixel_values:
+            start = time.perf_counter()
+            (features,) = self.session.run([self.spec.image_features], {self.spec.pixel_values: image[None]})
+            seconds.append(time.perf_counter() - start)
+            rows.append(features.reshape(-1, features.shape[-1]))
+        return np.concatenate(rows), seconds
+
+
+@dataclass
+class ImagePrompt:
+    """The images of one prompt, encoded: feature rows in prompt order and what it cost."""
+
+    features: np.ndarray  # [images and crops x tokens, hidden]
+    crops: list[int]  # Pan & Scan crops per image (0: the image alone)
+    vision_seconds: list[float]  # per image, its crops included
+    tokens_per_image: int
+    image_token_id: int
+    _pending: list[int] = field(default_factory=list)  # crops of the images whose markers are not encoded yet
+
+    def __post_init__(self) -> None:
+        self._pending = list(self.crops)
+
+    def encoder(self, tokenizer):
+        """A tokenizer wrapper whose `encode` expands `<start_of_image>` markers, in order, for these images."""
+        prompt = self
+
+        class _Expanding:
+            def encode(self, text: str, add_bos: bool = False) -> list[int]:
+                markers = text.count(BOI_TOKEN)
+                if markers > len(prompt._pending):
+                    raise ValueError(f"the prompt has more {BOI_TOKEN} markers than the {len(prompt.crops)} images")
+                crops, prompt._pending = prompt._pending[:markers], prompt._pending[markers:]
+                text = expand_image_tokens(text, crops, prompt.tokens_per_image)
+                ids = [tokenizer.bos_id] if add_bos else []
+                for k, part in enumerate(_SOFT_RUN.split(text)):
+                    if k % 2:  # a run of soft tokens: not in the SentencePiece vocabulary, one id each
+                        ids += [prompt.image_token_id] * (len(part) // len(IMAGE_TOKEN))
+                    elif part:
+                        ids += tokenizer.encode(part)
+                return ids
+
+        return _Expanding()
+
+    def check_used(self) -> None:
+        if self._pending:
+            raise ValueError(f"{len(self.crops)} images given but the prompt places only "
+                             f"{len(self.crops) - len(self._pending)} ({BOI_TOKEN} markers)")
+
+
+def encode_images(vision: OrtVision, manifest: Manifest, images: Sequence[ImageInput], pan_and_scan: bool = False,
+                  max_crops: int = 4) -> ImagePrompt:
+    """Load, Pan & Scan, preprocess and encode `images`; raises `images.ImageError` naming a bad file."""
+    pixels, crops = prepare_images(list(images), pan_and_scan=pan_and_scan, max_crops=max_crops,
+                                   size=manifest.vision.image_size)
+    features, seconds = vision(pixels)
+    per_image, k = [], 0
+    for n in crops:  # the image, then its crops
+        per_image.append(sum(seconds[k:k + 1 + n]))
+        k += 1 + n
+    return ImagePrompt(features, crops, per_image, manifest.vision.tokens_per_image, manifest.model.image_token_id)
