@@ -104,16 +104,19 @@ class Model:
     def sees_images(self) -> bool:
         return self.manifest.vision is not None and self.manifest.image_decoder is not None
 
-    def encode_images(self, images: Sequence[ImageInput], pan_and_scan: bool = False, max_crops: int = 4
-                      ) -> ImagePrompt:
-        """Images (paths or PIL images) -> their features, via Pan & Scan and the vision graph."""
+    def encode_images(self, images: Sequence[ImageInput] | ImagePrompt, pan_and_scan: bool = False,
+                      max_crops: int = 4, **pan_and_scan_options: Any) -> ImagePrompt:
+        """Images (paths or PIL images) -> their features, via Pan & Scan and the vision graph. Already
+        encoded images pass through, so one encoding can serve several prompts."""
+        if isinstance(images, ImagePrompt):
+            return images
         if not self.sees_images:
             raise ValueError(f"the {self.manifest.model.name} model is text-only: it cannot take images")
         if self._vision is None:
             from gemma3.runtime.ort_decoder import session_options
 
             self._vision = OrtVision(self.manifest, session_options(self.decoder.threads))
-        return encode_images(self._vision, self.manifest, images, pan_and_scan, max_crops)
+        return encode_images(self._vision, self.manifest, images, pan_and_scan, max_crops, **pan_and_scan_options)
 
     def sampling(self, **overrides: Any) -> SamplingParams:
         """The checkpoint's sampling defaults with `overrides` applied (None values keep the default)."""
@@ -142,7 +145,7 @@ class Model:
                 raise ValueError("raw and system apply to text prompts; put a system message in the list instead")
             ids = render_chat(encoder, prompt)
         if images is not None:
-            images.check_used()
+            encoder.check_used()
         return ids
 
     def _run(self, cache: KVCache, ids: list[int], params: SamplingParams, max_new_tokens: int,
@@ -158,7 +161,7 @@ class Model:
         return Stream(pieces, stats, on_done)
 
     def stream(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] = (),
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] | ImagePrompt = (),
                pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
         """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`.
         `images`: paths or PIL images, placed at the prompt's `<start_of_image>` markers (or in front)."""
@@ -168,7 +171,7 @@ class Model:
         return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens, images=encoded)
 
     def generate(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] = (),
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] | ImagePrompt = (),
                  pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Result:
         return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, images=images,
                            pan_and_scan=pan_and_scan, max_crops=max_crops, **sampling).consume()
@@ -195,7 +198,7 @@ class ChatSession:
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})
 
-    def stream(self, text: str, max_new_tokens: int | None = None, images: Sequence[ImageInput] = (),
+    def stream(self, text: str, max_new_tokens: int | None = None, images: Sequence[ImageInput] | ImagePrompt = (),
                pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
         """Send a user message (with `images` at its `<start_of_image>` markers, or in front); iterate the
         returned `Stream` for the reply's text pieces."""
@@ -218,7 +221,7 @@ class ChatSession:
         feed = self.tokens[fed:] + new  # the last reply's unfed token(s), then the new turn
         limit = self.max_new_tokens if max_new_tokens is None else max_new_tokens
         if encoded is not None:
-            encoded.check_used()
+            tok.check_used()
         stream = self.model._run(cache, feed, params, limit, history=self.tokens[:fed], on_done=self._finish, rng=rng,
                                  images=encoded)
         self.cache, self._last = cache, stream

@@ -12,12 +12,20 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from gemma3.runtime.images import BOI_TOKEN, IMAGE_TOKEN, ImageLike, expand_image_tokens, prepare_images
+from gemma3.runtime.images import (
+    BOI_TOKEN,
+    IMAGE_TOKEN,
+    PAN_AND_SCAN_MAX_CROPS,
+    PAN_AND_SCAN_MIN_CROP_SIZE,
+    ImageLike,
+    expand_image_tokens,
+    prepare_images,
+)
 from gemma3.runtime.manifest import Manifest, ManifestError, require_file
 
 ImageInput = str | os.PathLike | ImageLike
@@ -57,43 +65,46 @@ class ImagePrompt:
     vision_seconds: list[float]  # per image, its crops included
     tokens_per_image: int
     image_token_id: int
-    _pending: list[int] = field(default_factory=list)  # crops of the images whose markers are not encoded yet
 
-    def __post_init__(self) -> None:
-        self._pending = list(self.crops)
-
-    def encoder(self, tokenizer):
+    def encoder(self, tokenizer) -> ExpandingEncoder:
         """A tokenizer wrapper whose `encode` expands `<start_of_image>` markers, in order, for these images."""
-        prompt = self
+        return ExpandingEncoder(tokenizer, self)
 
-        class _Expanding:
-            def encode(self, text: str, add_bos: bool = False) -> list[int]:
-                markers = text.count(BOI_TOKEN)
-                if markers > len(prompt._pending):
-                    raise ValueError(f"the prompt has more {BOI_TOKEN} markers than the {len(prompt.crops)} images")
-                crops, prompt._pending = prompt._pending[:markers], prompt._pending[markers:]
-                text = expand_image_tokens(text, crops, prompt.tokens_per_image)
-                ids = [tokenizer.bos_id] if add_bos else []
-                for k, part in enumerate(_SOFT_RUN.split(text)):
-                    if k % 2:  # a run of soft tokens: not in the SentencePiece vocabulary, one id each
-                        ids += [prompt.image_token_id] * (len(part) // len(IMAGE_TOKEN))
-                    elif part:
-                        ids += tokenizer.encode(part)
-                return ids
 
-        return _Expanding()
+class ExpandingEncoder:
+    """Encodes text like the tokenizer, giving each `<start_of_image>` the next image's full sequence: the text
+    `Gemma3Processor` writes (with Pan & Scan crops), its soft tokens as `image_token_id`s."""
+
+    def __init__(self, tokenizer, images: ImagePrompt) -> None:
+        self.tokenizer, self.images = tokenizer, images
+        self.pending = list(images.crops)  # crops of the images whose markers are not encoded yet
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        markers = text.count(BOI_TOKEN)
+        if markers > len(self.pending):
+            raise ValueError(f"the prompt has more {BOI_TOKEN} markers than the {len(self.images.crops)} images")
+        crops, self.pending = self.pending[:markers], self.pending[markers:]
+        text = expand_image_tokens(text, crops, self.images.tokens_per_image)
+        ids = [self.tokenizer.bos_id] if add_bos else []
+        for k, part in enumerate(_SOFT_RUN.split(text)):
+            if k % 2:  # a run of soft tokens: not in the SentencePiece vocabulary, one id each
+                ids += [self.images.image_token_id] * (len(part) // len(IMAGE_TOKEN))
+            elif part:
+                ids += self.tokenizer.encode(part)
+        return ids
 
     def check_used(self) -> None:
-        if self._pending:
-            raise ValueError(f"{len(self.crops)} images given but the prompt places only "
-                             f"{len(self.crops) - len(self._pending)} ({BOI_TOKEN} markers)")
+        if self.pending:
+            placed = len(self.images.crops) - len(self.pending)
+            raise ValueError(f"{len(self.images.crops)} images given but the prompt has {placed} {BOI_TOKEN} markers")
 
 
 def encode_images(vision: OrtVision, manifest: Manifest, images: Sequence[ImageInput], pan_and_scan: bool = False,
-                  max_crops: int = 4) -> ImagePrompt:
+                  max_crops: int = PAN_AND_SCAN_MAX_CROPS, min_crop_size: int = PAN_AND_SCAN_MIN_CROP_SIZE
+                  ) -> ImagePrompt:
     """Load, Pan & Scan, preprocess and encode `images`; raises `images.ImageError` naming a bad file."""
     pixels, crops = prepare_images(list(images), pan_and_scan=pan_and_scan, max_crops=max_crops,
-                                   size=manifest.vision.image_size)
+                                   min_crop_size=min_crop_size, size=manifest.vision.image_size)
     features, seconds = vision(pixels)
     per_image, k = [], 0
     for n in crops:  # the image, then its crops

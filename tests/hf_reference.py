@@ -57,7 +57,8 @@ def tiny_multimodal(**overrides) -> Gemma3Config:
     mm_tokens = overrides.pop("mm_tokens", 4)
     vision = VisionConfig(image_size=28, patch_size=7, hidden_size=32, intermediate_size=64, num_layers=2,
                           num_heads=4, mm_tokens_per_image=mm_tokens)
-    return tiny(name="tiny-mm", vision=vision, image_token_id=510, boi_token_id=508, eoi_token_id=509, **overrides)
+    ids = {"image_token_id": 510, "boi_token_id": 508, "eoi_token_id": 509}
+    return tiny(name="tiny-mm", vision=vision, **{**ids, **overrides})
 
 
 def random_hf_model(c: Gemma3Config, seed: int = 0):

@@ -93,6 +93,7 @@ def test_chat_context_overflow_is_reported_and_the_loop_goes_on(capsys, monkeypa
         (["--model", "{dir}", "-p", "word " * 200], "prompt too long"),
         (["--model", "{dir}", "-p", "x", "--top-p", "0"], "top_p must be in"),
         (["--model", "{empty}", "-p", "x"], "no manifest.json"),
+        (["--model", "{dir}", "--image", "{missing}", "-p", "x"], "text-only"),
     ],
 )
 def test_errors_are_one_line_with_status_2(capsys, tmp_path, model_dir, args, message):

@@ -1,0 +1,87 @@
+"""Images end to end on a tiny multimodal export with Gemma's real vocabulary: files -> Pan & Scan -> vision.onnx
+-> image graph -> greedy tokens, against transformers' Gemma3ForConditionalGeneration fed the pixel values of its
+own image processor. Also the CLI's image options and errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gemma3.exporter.export import export
+from gemma3.exporter.quantize import precision
+from gemma3.graphs import open_checkpoint
+from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
+from gemma3.runtime import cli
+from gemma3.runtime.api import load
+from tests.hf_reference import random_hf_model, save_hf, tiny_multimodal
+
+# Gemma's ids (graphs/config.py): the real tokenizer encodes the prompt, so the tiny model has the real vocabulary
+CONFIG = tiny_multimodal(vocab_size=262_208, image_token_id=262_144, boi_token_id=255_999, eoi_token_id=256_000,
+                         max_position_embeddings=512)
+
+
+@pytest.fixture(scope="module")
+def mm_model(tmp_path_factory):
+    hf = random_hf_model(CONFIG, seed=8)
+    folder = save_hf(hf, tmp_path_factory.mktemp("mm_ckpt"))
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(embedded_270m_gguf()))
+    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("mm_out") / "fp32", precision("fp32"),
+                 eval_graph=False)
+    images = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for name, (w, h) in {"wide.png": (90, 30), "square.png": (40, 40)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(images / name)
+    return hf, out, images
+
+
+def _hf_greedy(hf, ids: list[int], paths, pan_and_scan: bool, steps: int) -> list[int]:
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    size = CONFIG.vision.image_size
+    processor = Gemma3ImageProcessorPil(size={"height": size, "width": size}, do_pan_and_scan=pan_and_scan,
+                                        pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
+                                        pan_and_scan_min_ratio_to_activate=1.2)
+    pixels = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    input_ids = torch.tensor([ids])
+    out = hf.generate(input_ids=input_ids, pixel_values=pixels, token_type_ids=(input_ids == 262_144).long(),
+                      max_new_tokens=steps, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("pan_and_scan", [False, True], ids=["plain", "pan-and-scan"])
+def test_two_images_greedy_match_transformers(mm_model, pan_and_scan):
+    hf, out, images = mm_model
+    model = load(out, threads=2, chunk_size=5)  # chunks of 5: images must stretch their chunk, never split
+    paths = [images / "wide.png", images / "square.png"]
+    prompt = "Compare <start_of_image> and <start_of_image>."
+    # tiny images: Pan & Scan's minimum crop of 256 px would never trigger; transformers gets the same setting
+    encoded = model.encode_images(paths, pan_and_scan=pan_and_scan, min_crop_size=8)
+    ids = model.prompt_ids(prompt, images=encoded)
+    assert encoded.crops == ([3, 0] if pan_and_scan else [0, 0])
+    assert ids.count(262_144) == CONFIG.vision.mm_tokens_per_image * (2 + sum(encoded.crops))
+    result = model.generate(prompt, images=encoded, temperature=0, max_new_tokens=10)
+    assert result.stats.images == 2 and result.stats.crops == encoded.crops
+    assert result.token_ids == _hf_greedy(hf, ids, paths, pan_and_scan, 10)[: len(result.token_ids)]
+    assert len(result.token_ids) >= 3
+
+
+def test_cli_image_json_and_errors(mm_model, tmp_path, capsys):
+    _, out, images = mm_model
+    code = cli.main(["--model", str(out), "--image", str(images / "square.png"), "-p", "What is it?",
+                     "--temperature", "0", "--max-new-tokens", "4", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert code == 0 and record["images"] == 1 and record["crops"] == [0] and len(record["vision_seconds"]) == 1
+    broken = tmp_path / "broken.png"
+    broken.write_bytes((images / "square.png").read_bytes()[:60])
+    for path, message in [(broken, "broken.png"), (tmp_path / "missing.jpg", "missing.jpg")]:
+        code = cli.main(["--model", str(out), "--image", str(path), "-p", "x"])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1
+    code = cli.main(["--model", str(out), "--image", str(images / "square.png"), "-p", "<start_of_image> "
+                     "<start_of_image>"])
+    assert code == 2 and "images" in capsys.readouterr().err
