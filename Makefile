@@ -22,11 +22,11 @@ test: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
-DEMO_MODEL := out/gemma3-270m-int4-mixed
+DEMO_MODEL := out/gemma3-270m-int8-head4-fast
 
 # The embedded real Gemma 3 270M (a base model: --raw, no chat template), exported once, then run.
 demo: setup
-	test -f $(DEMO_MODEL)/manifest.json || $(VENV)/bin/gemma3-export --size 270m --precision int4-mixed --out $(DEMO_MODEL)
+	test -f $(DEMO_MODEL)/manifest.json || $(VENV)/bin/gemma3-export --size 270m --precision int8-head4-fast --out $(DEMO_MODEL)
 	$(VENV)/bin/gemma3-run --model $(DEMO_MODEL) --raw --temperature 0 --max-new-tokens 48 \
 		-p "The three most important inventions of the industrial revolution were"
 

@@ -19,7 +19,7 @@ from typing import Any
 from bench.common import THREADS, cache_root, child_main, measure_speed, run_child
 from bench.peers import merge
 
-PRECISIONS = ("fp32", "int8", "int8-head4", "int4-mixed", "int4", "int4-full")
+PRECISIONS = ("fp32", "int8", "int8-head4", "int8-head4-fast", "int4-mixed", "int4", "int4-full")
 
 
 def _exporter_version() -> str:

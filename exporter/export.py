@@ -28,6 +28,7 @@ from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
 from .quantize import Precision
 from .trace import constants, trace_decoder
+from .vision_graph import export_vision
 from .weight_pass import plan_weights
 from .weights import WeightPlan
 
@@ -172,6 +173,12 @@ def export(
                 raise AssertionError(f"{file} planned different weights")
             _save_graph(variant, work / file)
             manifest[key] = _io(config, file, logits, images)
+        if config.vision is not None:
+            log.info("exporting the vision graph")
+            manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",
+                                  "image_features": "image_features", "image_size": config.vision.image_size,
+                                  "tokens_per_image": config.vision.mm_tokens_per_image,
+                                  **export_vision(checkpoint, work, precision)}
         manifest = {
             "format_version": FORMAT_VERSION,
             "model": config.to_dict(),
