@@ -7,14 +7,16 @@ page-aligned `vision.onnx.data`. Then onnxscript's ONNX Runtime fusions: each la
 `com.microsoft.MultiHeadAttention` (biases folded in) and residual + LayerNorm a `SkipLayerNormalization`.
 
 Measured on full-size random weights (4b preset: 896x896, 27 layers, hidden 1152), 1 image, 2 threads, this
-CPU (AMD EPYC, AVX-512 VNNI), quiet machine:
-  - fused 17.4 s/image vs 22.0 s unfused (ONNX Runtime's session fusions alone leave MatMul + Softmax);
-    the fused attention is 7.3 s of it, the projections 10.6 s (~300 GFLOP/s each).
-  - 8-bit weights (MatMulNBits, int8 activations): block 128: 13.9 s, rel. RMS feature error 2.8e-3 vs fp32;
-    block 32: 16.0 s, 2.3e-3. 4-bit: block 128 14.4 s, 3.1e-2; block 32 16.8 s, 2.6e-2: no faster than 8-bit
-    (4096 patches per image make the matmuls compute-bound; both run the same int8 kernels) for 11x the error.
-Hence the vision precision below: fp32 stays fp32; every quantized decoder precision gets 8-bit block-128 weights
-here (3.4x smaller, 1.25x faster), never 4-bit.
+CPU (AMD EPYC, AVX-512 VNNI), quiet machine (`python -m bench.vision`, bench/results/vision.json):
+  - fp32: 16.6 s/image (transformers eager: 78.8 s), same features as transformers (rel. RMS 3.5e-7).
+    Without the fusions 22.0 s (ONNX Runtime's session fusions alone leave MatMul + Softmax); the fused
+    attention is ~7.3 s of it, the projections ~10.6 s (~300 GFLOP/s each).
+  - 8-bit weights (MatMulNBits, int8 activations), block 128: 13.1 s, rel. RMS feature error 2.8e-3
+    (block 32: 16.0 s, 2.3e-3). 4-bit block 128: 13.6 s, 3.1e-2: no faster than 8-bit (4096 patches per
+    image make the matmuls compute-bound; both run the same int8 kernels) for 11x the error.
+Hence `vision_precision`: fp32 stays fp32; every quantized decoder precision gets 8-bit block-128 weights here
+(440 MB instead of 1602 MB, 1.27x faster), never 4-bit. Random weights lack real outliers: the errors are a
+lower bound, which argues further against 4-bit.
 """
 
 from __future__ import annotations
@@ -49,9 +51,9 @@ INT8_128 = Precision("int8-block128", 8, None, block_size=128, block_8bit=128,
 NOTES = {
     "fp32": "fp32 weights, like the decoder.",
     "int8-block128": "The decoder's precision is quantized; the vision graph takes 8-bit (block 128) weights whatever "
-                     "its bit width: measured at full size with random weights, 1 image, 2 threads: 13.9 s/image "
-                     "vs 17.4 s fp32, relative RMS feature error 2.8e-3; 4-bit was no faster (14.4 s; 4096 "
-                     "patches make the matmuls compute-bound) for 11x the error (3.1e-2), so it is refused here.",
+                     "its bit width. Measured at full size on random weights, 1 image, 2 threads: 13.1 s/image vs "
+                     "16.6 s fp32, relative RMS feature error 2.8e-3; 4-bit was no faster (13.6 s: 4096 patches "
+                     "make the matmuls compute-bound) for 11x the error (3.1e-2), so it is refused here.",
 }
 
 
