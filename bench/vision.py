@@ -121,8 +121,6 @@ def transformers_child(job: dict[str, Any]) -> dict[str, Any]:
     # (left on meta it silently wrecked the features: 0.165 relative RMS off the reference in the first run)
     embeddings = tower.embeddings if hasattr(tower, "embeddings") else tower.vision_model.embeddings
     embeddings.position_ids = torch.arange(embeddings.position_embedding.num_embeddings)[None]
-    embeddings = tower.embeddings  # its position_ids buffer (not in the state dict) is still on meta
-    embeddings.position_ids = torch.arange(embeddings.num_positions).expand((1, -1))
     if any(t.is_meta for m in (tower, projector) for t in [*m.parameters(), *m.buffers()]):
         raise AssertionError("transformers' vision tower still has meta tensors")
     tower.eval()
