@@ -46,6 +46,22 @@ def sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Val
     return seqlens, _op(graph, anchor, "Reshape", [total_i32, scalar_shape], "attn.total_sequence_length")
 
 
+def replace_node(graph: ir.Graph, node: ir.Node, outputs: list[ir.Value]) -> None:
+    """Route a HybridAttention node's outputs to `outputs` (keeping their names, shapes, types) and drop it."""
+    for old, new in zip(node.outputs, outputs):
+        name, shape, type_ = old.name, old.shape, old.type
+        old.name = f"{name}.replaced"
+        old.replace_all_uses_with(new, replace_graph_outputs=True)
+        new.name, new.shape, new.type = name, shape, type_
+    graph.remove(node, safe=True)
+
+
+def finish_lowering(model: ir.Model) -> None:
+    """Once every HybridAttention is gone: import the contrib domain, drop ours."""
+    model.opset_imports[MS_DOMAIN] = 1
+    model.opset_imports.pop(schema.ONNX_DOMAIN, None)
+
+
 def gqa_attributes(attrs: dict, windowed: bool = True) -> dict:
     """GroupQueryAttention's attributes for a HybridAttention node's; local layers windowed unless told not."""
     out = {"num_heads": attrs["num_heads"], "kv_num_heads": attrs["num_kv_heads"], "scale": attrs["scale"]}
@@ -69,12 +85,6 @@ def lower_to_group_query_attention(model: ir.Model) -> int:
             ir.convenience.convert_attributes(gqa_attributes(attrs)), num_outputs=3, name=f"layers.{index}.attn.gqa",
         )
         graph.insert_before(node, gqa)
-        for old, new in zip(node.outputs, gqa.outputs):
-            name, shape, type_ = old.name, old.shape, old.type
-            old.name = f"{name}.replaced"
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            new.name, new.shape, new.type = name, shape, type_
-        graph.remove(node, safe=True)
-    model.opset_imports[MS_DOMAIN] = 1
-    model.opset_imports.pop(schema.ONNX_DOMAIN, None)
+        replace_node(graph, node, list(gqa.outputs))
+    finish_lowering(model)
     return len(nodes)

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from gemma3.plugins import attention_schema as schema
 
-from .lower_ort import MS_DOMAIN, gqa_attributes, sequence_lengths
+from .lower_ort import MS_DOMAIN, finish_lowering, gqa_attributes, replace_node, sequence_lengths
 
 I64 = ir.DataType.INT64
 
@@ -115,12 +115,6 @@ def lower_bidirectional(model: ir.Model) -> int:
             pads = b.op("Concat", b.const([0, 0, 0, 0, 0, 0]), b.op("Sub", capacity, kept), b.const([0]), axis=0)
             outputs = [out] + [b.op("Pad", b.op("Slice", present, start, keys, b.const([2])), pads)
                                for present in (k_all, v_all)]
-        for old, new in zip(node.outputs, outputs):
-            name, shape, type_ = old.name, old.shape, old.type
-            old.name = f"{name}.replaced"
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
-            new.name, new.shape, new.type = name, shape, type_
-        graph.remove(node, safe=True)
-    model.opset_imports[MS_DOMAIN] = 1
-    model.opset_imports.pop(schema.ONNX_DOMAIN, None)
+        replace_node(graph, node, outputs)
+    finish_lowering(model)
     return len(nodes)
