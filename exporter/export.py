@@ -23,7 +23,7 @@ from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCh
 from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
-from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_importance
+from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
 from .quantize import Precision
@@ -156,9 +156,10 @@ def export(
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
             ids = calibration_ids(encode, config.bos_token_id, calibration_tokens)
             log.info("calibrating 4-bit ranges on %d tokens", len(ids))
-            plan.importance = input_importance(checkpoint, ids)
+            statistics = input_statistics(checkpoint, ids)
+            plan.importance, plan.gram = statistics.importance, statistics.gram
             calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
-                           "tokens": len(ids)}
+                           "tokens": len(ids), "error_feedback": sorted(statistics.gram)}
         size = plan.layout(model.graph, work)
         plan.write(checkpoint, work / DATA_FILE, size)
         _save_graph(model, work / "decoder.onnx")

@@ -11,6 +11,8 @@ along K:
     on the weighted error. On the real 270M (8-bit projections), a 4-bit lm_head costs perplexity 13.36 -> 14.37
     round-to-nearest, 14.23 searched, 13.93 searched with calibrated importance: a few input channels of the
     final norm carry 1000x the median energy, and their weights must not share a scale with rounding noise.
+    Given the input's Gram matrix (the tied table: `calibrate.py`), `error_feedback.py` also carries each
+    column's rounding error onto the columns not yet rounded (GPTQ).
   - 8-bit, symmetric: scale = absmax / 127 (numpy, below). onnxruntime's 8-bit kernel maps absmax to -128, which
     loses the exactness we want: a GGUF Q8_0 tensor (int8, one scale per 32) re-encodes exactly with absmax / 127.
 """
@@ -64,7 +66,8 @@ class Precision:
         parts = ["blockwise along K; 8-bit: symmetric, absmax / 127, round to nearest"]
         if 4 in (self.linear_bits, self.embed_bits):
             parts.append("4-bit: symmetric, onnxruntime's quantizer" if self.symmetric else
-                         "4-bit: asymmetric, per-block range searched for the least input-weighted squared error")
+                         "4-bit: asymmetric, per-block range searched for the least input-weighted squared error; "
+                   "with error feedback (GPTQ) where the input's Gram matrix was measured (the tied table)")
         return "; ".join(parts)
 
 
@@ -78,11 +81,11 @@ PRECISIONS: dict[str, Precision] = {
         Precision("int4-mixed", 4, 8, symmetric=False, keep_8bit=("q_proj", "o_proj", "down_proj"), block_8bit=128,
                   doc="4-bit gate/up projections with zero points, 8-bit (block 128) attention and down "
                       "projection, 8-bit tied embedding"),
-        Precision("int8-head4", 8, 4, symmetric=False, block_8bit=128,
-                  doc="8-bit block-128 projections, 4-bit block-32 tied embedding / lm_head with zero points "
-                      "(calibrated range search)"),
-        Precision("int8-head4-fast", 8, 4, symmetric=False, block_size=64, block_8bit=128,
-                  doc="as int8-head4 with 4-bit blocks of 64 in the tied table: fewer scale bytes per token"),
+        Precision("int8-head4", 8, 4, symmetric=False, block_size=64, block_8bit=128,
+                  doc="8-bit block-128 projections, 4-bit block-64 tied embedding / lm_head with zero points "
+                      "(calibrated range search and error feedback)"),
+        Precision("int8-head4-fast", 8, 4, symmetric=False, block_size=128, block_8bit=128,
+                  doc="as int8-head4 with 4-bit blocks of 128 in the tied table: fewer scale bytes per token"),
         Precision("int4-full", 4, 4, symmetric=False,
                   doc="4-bit block-32 everywhere, embedding included (smallest)"),
     )
@@ -170,29 +173,43 @@ def _rows_4bit_searched(weight: np.ndarray, k_padded: int, block_size: int, impo
     weights = np.ones(k_padded, dtype=np.float32)
     if importance is not None:
         weights[:k] = importance
-    weights = weights.reshape(1, -1, block_size)
+    scale, zero = searched_ranges(blocks, weights.reshape(1, -1, block_size))
+    return pack_4bit(codes_4bit(blocks, scale, zero), scale, zero)
+
+
+def searched_ranges(blocks: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """blocks [n, kb, block] -> the candidate range with the least weighted squared error per block:
+    scales and integer zero points [n, kb, 1] (float32)."""
     low = np.minimum(blocks.min(axis=-1, keepdims=True), 0)  # 0 stays exactly representable
     high = np.maximum(blocks.max(axis=-1, keepdims=True), 0)
     best_err = np.full(low.shape, np.inf, dtype=np.float32)
-    best_q = np.zeros(blocks.shape, dtype=np.uint8)
     best_scale = np.zeros(low.shape, dtype=np.float32)
-    best_zero = np.zeros(low.shape, dtype=np.uint8)
+    best_zero = np.zeros(low.shape, dtype=np.float32)
     for shrink in SHRINK:
         scale = (high - low) * np.float32(shrink / 15)
-        safe = np.where(scale == 0, 1, scale)
-        zero = np.clip(np.rint(-low * np.float32(shrink) / safe), 0, 15)
-        q = np.clip(np.rint(blocks / safe) + zero, 0, 15)
+        zero = np.clip(np.rint(-low * np.float32(shrink) / np.where(scale == 0, 1, scale)), 0, 15)
+        q = codes_4bit(blocks, scale, zero)
         err = (np.square((q - zero) * scale - blocks) * weights).sum(axis=-1, keepdims=True)
         better = err < best_err
         best_err = np.where(better, err, best_err)
-        best_q = np.where(better, q.astype(np.uint8), best_q)
         best_scale = np.where(better, scale, best_scale)
-        best_zero = np.where(better, zero.astype(np.uint8), best_zero)
-    packed = best_q[..., 0::2] | (best_q[..., 1::2] << 4)
-    zero = best_zero[..., 0]
+        best_zero = np.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def codes_4bit(values: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+    """Round to the nearest of the 16 levels `(q - zero) * scale` (float32 codes 0..15)."""
+    return np.clip(np.rint(values / np.where(scale == 0, 1, scale)) + zero, 0, 15)
+
+
+def pack_4bit(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray):
+    """codes [n, kb, block], scale / zero [n, kb, 1] -> MatMulNBits' packed data, scales, packed zero points."""
+    q = codes.astype(np.uint8)
+    packed = q[..., 0::2] | (q[..., 1::2] << 4)
+    zero = zero[..., 0].astype(np.uint8)
     if zero.shape[1] % 2:
         zero = np.pad(zero, ((0, 0), (0, 1)), constant_values=8)  # onnxruntime's filler nibble
-    return packed, best_scale[..., 0], zero[:, 0::2] | (zero[:, 1::2] << 4)
+    return packed, scale[..., 0], zero[:, 0::2] | (zero[:, 1::2] << 4)
 
 
 def dequantize_blockwise(

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 
+from .error_feedback import quantize_4bit_feedback
 from .quantize import quantize_blockwise
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
@@ -46,6 +47,8 @@ class WeightPlan:
     entries: dict[str, Stored] = field(default_factory=dict)
     # per weight (our parameter name): mean square of its matmul's input per channel, from calibrate.py
     importance: dict[str, np.ndarray] = field(default_factory=dict)
+    # per weight: the Gram matrix of its matmul's input; asymmetric 4-bit weights with one get error feedback
+    gram: dict[str, np.ndarray] = field(default_factory=dict)
     _quantized: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     def add(self, graph: ir.Graph, entry: Stored) -> ir.Value:
@@ -65,8 +68,12 @@ class WeightPlan:
         key = (source, bits, block, symmetric)
         if key not in self._quantized:
             first = source if isinstance(source, str) else source[0]  # fused projections share their input
-            importance = self.importance.get(first)
-            self._quantized = {key: quantize_blockwise(tensor, bits, block, symmetric, importance)}  # only this one
+            importance, gram = self.importance.get(first), self.gram.get(first)
+            if gram is not None and bits == 4 and not symmetric:
+                result = quantize_4bit_feedback(tensor, block, gram, importance)
+            else:
+                result = quantize_blockwise(tensor, bits, block, symmetric, importance)
+            self._quantized = {key: result}  # only this one
         return self._quantized[key]
 
     def layout(self, graph: ir.Graph, base_dir: str | os.PathLike) -> int:

@@ -1,0 +1,86 @@
+"""4-bit quantization with error feedback (GPTQ: Frantar et al., 2022, arXiv:2210.17323), for blockwise
+asymmetric MatMulNBits weights.
+
+Rounding each weight on its own (`quantize.py`) leaves every column's error in the output. With the Gram matrix
+H = E[x x^T] of the matmul's input, the columns can be quantized one after another, each rounding error
+pushed onto the columns not yet quantized so that the output error `(W - Q) x` stays small on the inputs the
+model actually sees. A block's range is searched (as in `quantize.py`) when its first column is reached, on the
+weights as the earlier errors left them.
+
+Damping: H + damp * mean(diag H) * I. The tied table is also the embedding, read row by row with no input to
+weigh the error, and a large damp keeps each row near its own rounding. Measured on the real 270M (8-bit body,
+4-bit table, perplexity on 4 evaluation windows, fp32 13.37; 4096 calibration tokens):
+    block 64:  range search only 14.51, error feedback damp 0.01 14.19, damp 0.3 13.84
+    block 128: range search only 15.07, error feedback damp 0.3 14.13
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .quantize import codes_4bit, pack_4bit, searched_ranges
+
+DAMP = 0.3
+
+
+def inverse_factor(gram: np.ndarray, k_padded: int, damp: float = DAMP) -> np.ndarray:
+    """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = H^-1), padded columns as
+    identity (their weights are 0 and stay 0)."""
+    k = gram.shape[0]
+    h = np.eye(k_padded, dtype=np.float64)
+    h[:k, :k] = gram
+    h[:k, :k] += np.eye(k) * (damp * np.mean(np.diag(gram)))
+    inverse = np.linalg.inv(h)
+    return np.linalg.cholesky((inverse + inverse.T) / 2).T.astype(np.float32)
+
+
+def rows_4bit_feedback(weight: np.ndarray, k_padded: int, block_size: int, factor: np.ndarray,
+                       importance: np.ndarray | None):
+    """Like `quantize._rows_4bit_searched`, with each column's rounding error fed forward through `factor`."""
+    n, k = weight.shape
+    w = np.zeros((n, k_padded), dtype=np.float32)
+    w[:, :k] = weight
+    weights = np.ones(k_padded, dtype=np.float32)
+    if importance is not None:
+        weights[:k] = importance
+    k_blocks = k_padded // block_size
+    codes = np.empty((n, k_blocks, block_size), dtype=np.float32)
+    scales = np.empty((n, k_blocks, 1), dtype=np.float32)
+    zeros = np.empty((n, k_blocks, 1), dtype=np.float32)
+    errors = np.empty((n, block_size), dtype=np.float32)
+    for b in range(k_blocks):
+        start, end = b * block_size, (b + 1) * block_size
+        scale, zero = searched_ranges(w[:, None, start:end], weights[None, None, start:end])
+        scale, zero = scale[:, 0], zero[:, 0]  # [n, 1]
+        scales[:, b], zeros[:, b] = scale, zero
+        for j in range(start, end):
+            column = w[:, j:j + 1]
+            q = codes_4bit(column, scale, zero)
+            codes[:, b, j - start] = q[:, 0]
+            error = (column - (q - zero) * scale) / factor[j, j]
+            w[:, j + 1:end] -= error * factor[j, j + 1:end]
+            errors[:, j - start] = error[:, 0]
+        w[:, end:] -= errors @ factor[start:end, end:]
+    return pack_4bit(codes, scales, zeros)
+
+
+def quantize_4bit_feedback(weight: np.ndarray, block_size: int, gram: np.ndarray,
+                           importance: np.ndarray | None = None, damp: float = DAMP):
+    """weight [N, K] -> MatMulNBits' packed data, scales and zero points, as `quantize_blockwise(weight, 4,
+    block_size, symmetric=False, importance)` returns them. Rows are independent: done a chunk at a time."""
+    from . import quantize  # ROWS_PER_CHUNK read at call time (tests shrink it)
+
+    n, k = weight.shape
+    if gram.shape != (k, k):
+        raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
+    packed_shape, scales_shape = quantize.packed_shapes(n, k, 4, block_size)
+    k_padded = packed_shape[1] * block_size
+    factor = inverse_factor(gram, k_padded, damp)
+    packed = np.empty(packed_shape, dtype=np.uint8)
+    scales = np.empty(scales_shape, dtype=np.float32)
+    zero_points = np.empty((n, -(-packed_shape[1] // 2)), dtype=np.uint8)
+    for start in range(0, n, quantize.ROWS_PER_CHUNK):
+        rows = slice(start, min(start + quantize.ROWS_PER_CHUNK, n))
+        packed[rows], scales[rows], zero_points[rows] = rows_4bit_feedback(
+            weight[rows], k_padded, block_size, factor, importance)
+    return packed, scales, zero_points
