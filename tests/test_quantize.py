@@ -110,5 +110,7 @@ def test_error_feedback_cuts_the_output_error_on_correlated_inputs(monkeypatch):
     searched = output_error(quantize_blockwise(weight, 4, 32, symmetric=False, importance=importance))
     print(f"output error: range search {searched:.3f}, error feedback {output_error(fed):.3f}")
     assert output_error(fed) < 0.7 * searched  # measured 0.53
-    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 64)  # rows are independent: chunking changes nothing
-    assert all(np.array_equal(a, b) for a, b in zip(fed, quantize_4bit_feedback(weight, 32, gram, importance, 0.01)))
+    # Rows are independent, so chunking changes nothing but BLAS's summation order (a code at a rounding tie).
+    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 64)
+    chunked = quantize_4bit_feedback(weight, 32, gram, importance, 0.01)
+    assert np.mean(chunked[0] != fed[0]) < 1e-3 and np.allclose(chunked[1], fed[1], rtol=1e-4)
