@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,22 +57,28 @@ def _load(module: nn.Module, checkpoint: Checkpoint, prefix: str) -> None:
 @dataclass
 class InputStatistics:
     importance: dict[str, np.ndarray]  # weight name -> mean over tokens of input^2 per input channel [K]
-    gram: dict[str, np.ndarray]  # weight name -> mean over tokens of x x^T [K, K] (the tied table only)
+    gram: dict[str, np.ndarray]  # weight name -> mean over tokens of x x^T [K, K] (the weights `gram_for` names)
 
 
-def input_statistics(checkpoint: Checkpoint, ids: Sequence[int]) -> InputStatistics:
+def input_statistics(
+    checkpoint: Checkpoint, ids: Sequence[int], gram_for: Callable[[str], bool] = lambda name: name == EMBED
+) -> InputStatistics:
     """The importance of every nn.Linear of the text decoder and of the tied table (the lm_head's input, the
-    final norm's output), and the table's Gram matrix. Text only, fp32, one sequence."""
+    final norm's output), and the Gram matrix of the weights `gram_for` accepts (by default the table only:
+    a Gram is K x K, e.g. 32 MiB for the 270M's down_proj). Text only, fp32, one sequence."""
     config: Gemma3Config = checkpoint.config
     with torch.device("meta"):
         text = Gemma3(config).text
     text.rope = RotaryTables(config)
     importance: dict[str, np.ndarray] = {}
+    gram: dict[str, np.ndarray] = {}
 
     def record(name: str):
         def hook(_module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             importance[name] = x.square().mean(0).float().numpy()
+            if gram_for(name):
+                gram[name] = (x.T @ x / len(x)).numpy()
 
         return hook
 
@@ -99,5 +105,6 @@ def input_statistics(checkpoint: Checkpoint, ids: Sequence[int]) -> InputStatist
         _load(text.final_norm, checkpoint, FINAL_NORM + ".")
         head_input = text.final_norm(x)[0].double()
         importance[EMBED] = head_input.square().mean(0).float().numpy()
-        gram = {EMBED: (head_input.T @ head_input / len(ids)).numpy()}
+        if gram_for(EMBED):
+            gram[EMBED] = (head_input.T @ head_input / len(ids)).numpy()
     return InputStatistics(importance, gram)

@@ -8,10 +8,13 @@ model actually sees. A block's range is searched (as in `quantize.py`) when its 
 weights as the earlier errors left them.
 
 Damping: H + damp * mean(diag H) * I. The tied table is also the embedding, read row by row with no input to
-weigh the error, and a large damp keeps each row near its own rounding. Measured on the real 270M (8-bit body,
-4-bit table, perplexity on 4 evaluation windows, fp32 13.37; 4096 calibration tokens):
-    block 64:  range search only 14.51, error feedback damp 0.01 14.19, damp 0.3 13.84
-    block 128: range search only 15.07, error feedback damp 0.3 14.13
+weigh the error, and a large damp keeps each row near its own rounding. Measured on the real 270M with PyTorch
+on quantize-dequantized weights (perplexity on 4 evaluation windows, fp32 13.37):
+  - 4-bit table, 8-bit body: block 64: range search only 14.51, error feedback damp 0.01 14.19 (1024
+    calibration tokens), damp 0.3 13.84 (4096 tokens); block 128: range search 15.07, feedback damp 0.3 14.13.
+  - 4-bit block-64 projections on top of that (table block 128): o_proj +0.06 with feedback (+0.19 range search
+    only, block 32), gate/up +0.43 (+0.78), down +0.40 (+0.55), o/gate/up together +0.48; damp 0.01 or 0.1
+    makes no difference there.
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ import numpy as np
 
 from .quantize import codes_4bit, pack_4bit, searched_ranges
 
-DAMP = 0.3
+TABLE_DAMP = 0.3
+PROJECTION_DAMP = 0.01  # GPTQ's own default
 
 
-def inverse_factor(gram: np.ndarray, k_padded: int, damp: float = DAMP) -> np.ndarray:
+def inverse_factor(gram: np.ndarray, k_padded: int, damp: float) -> np.ndarray:
     """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = H^-1), padded columns as
     identity (their weights are 0 and stay 0)."""
     k = gram.shape[0]
@@ -65,7 +69,7 @@ def rows_4bit_feedback(weight: np.ndarray, k_padded: int, block_size: int, facto
 
 
 def quantize_4bit_feedback(weight: np.ndarray, block_size: int, gram: np.ndarray,
-                           importance: np.ndarray | None = None, damp: float = DAMP):
+                           importance: np.ndarray | None = None, damp: float = PROJECTION_DAMP):
     """weight [N, K] -> MatMulNBits' packed data, scales and zero points, as `quantize_blockwise(weight, 4,
     block_size, symmetric=False, importance)` returns them. Rows are independent: done a chunk at a time."""
     from . import quantize  # ROWS_PER_CHUNK read at call time (tests shrink it)

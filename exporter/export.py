@@ -29,7 +29,7 @@ from .lower_ort_images import lower_bidirectional
 from .quantize import Precision
 from .trace import constants, trace_decoder
 from .vision_graph import export_vision
-from .weight_pass import plan_weights
+from .weight_pass import EMBED, plan_weights
 from .weights import WeightPlan
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,14 @@ GENERATION_DEFAULTS = {"top_k": 64, "top_p": 0.95, "temperature": 1.0}  # shippe
 def local_capacity(window: int) -> int:
     """Local cache rows: the window plus slack, so GroupQueryAttention compacts once per `slack` steps, not per step."""
     return window + max(16, window // 4)
+
+
+def _error_feedback(precision: Precision, weight: str) -> bool:
+    """Whether `weight` is stored asymmetric 4-bit, and so quantized with error feedback (needs its Gram)."""
+    if weight == EMBED:
+        return precision.embed_bits == 4 and not precision.symmetric
+    scheme = precision.for_projection(weight, 1)
+    return scheme.linear_bits == 4 and not scheme.symmetric
 
 
 def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool,
@@ -156,7 +164,7 @@ def export(
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
             ids = calibration_ids(encode, config.bos_token_id, calibration_tokens)
             log.info("calibrating 4-bit ranges on %d tokens", len(ids))
-            statistics = input_statistics(checkpoint, ids)
+            statistics = input_statistics(checkpoint, ids, gram_for=lambda name: _error_feedback(precision, name))
             plan.importance, plan.gram = statistics.importance, statistics.gram
             calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
                            "tokens": len(ids), "error_feedback": sorted(statistics.gram)}
@@ -185,7 +193,9 @@ def export(
             "model": config.to_dict(),
             "precision": precision.name,
             "quantization": {"linear_bits": precision.linear_bits, "embed_bits": precision.embed_bits,
-                             "block_size": precision.block_size, "accuracy_level": precision.accuracy_level,
+                             "block_size": precision.block_size,
+                             "table_block_size": precision.embed_block(config.hidden_size),
+                             "accuracy_level": precision.accuracy_level,
                              "scheme": precision.scheme, "calibration": calibration} if precision.quantized else None,
             "target": target,
             "max_context": max_context,

@@ -35,7 +35,8 @@ class Precision:
     accuracy_level: int = 4  # MatMulNBits: int8 activations, the fast CPU path
     symmetric: bool = True  # 4-bit weights (8-bit ones are always symmetric)
     keep_8bit: tuple[str, ...] = ()  # projections (by module name) stored 8-bit symmetric, as k-quant mixes do
-    block_8bit: int = 32  # block of 8-bit projections; the tied embedding always uses `block_size`
+    block_8bit: int = 32  # block of 8-bit projections
+    table_block: int | None = None  # block of the tied embedding / lm_head table; None: `block_size`
     doc: str = ""
 
     def for_projection(self, name: str, k: int) -> Precision:
@@ -50,6 +51,14 @@ class Precision:
             block = self.block_8bit if k % self.block_8bit == 0 else self.block_size  # no padded blocks
             return replace(self, linear_bits=8, symmetric=True, keep_8bit=(), block_size=block)
         return self
+
+    def embed_block(self, hidden: int) -> int:
+        """The table's block: `table_block` (else `block_size`), halved until it divides the hidden size (a
+        GatherBlockQuantized row has no padding); every real Gemma 3 width is a multiple of 128."""
+        block = self.table_block or self.block_size
+        while hidden % block and block > 16:
+            block //= 2
+        return block
 
     @property
     def quantized(self) -> bool:
@@ -78,13 +87,14 @@ PRECISIONS: dict[str, Precision] = {
         Precision("int8", 8, 8, doc="8-bit block-32 weights everywhere"),
         Precision("int4", 4, 8, symmetric=False,
                   doc="4-bit block-32 projections with zero points, 8-bit tied embedding / lm_head"),
-        Precision("int4-mixed", 4, 8, symmetric=False, keep_8bit=("q_proj", "o_proj", "down_proj"), block_8bit=128,
-                  doc="4-bit gate/up projections with zero points, 8-bit (block 128) attention and down "
-                      "projection, 8-bit tied embedding"),
-        Precision("int8-head4", 8, 4, symmetric=False, block_size=64, block_8bit=128,
+        Precision("int4-mixed", 4, 4, symmetric=False, block_size=64, keep_8bit=("q_proj", "down_proj"),
+                  block_8bit=128, table_block=128,
+                  doc="4-bit block-64 o/gate/up projections, 8-bit block-128 q/k/v and down projections, 4-bit "
+                      "block-128 tied table, every 4-bit weight with error feedback: the fastest within 10% of fp32"),
+        Precision("int8-head4", 8, 4, symmetric=False, table_block=64, block_8bit=128,
                   doc="8-bit block-128 projections, 4-bit block-64 tied embedding / lm_head with zero points "
                       "(calibrated range search and error feedback)"),
-        Precision("int8-head4-fast", 8, 4, symmetric=False, block_size=128, block_8bit=128,
+        Precision("int8-head4-fast", 8, 4, symmetric=False, table_block=128, block_8bit=128,
                   doc="as int8-head4 with 4-bit blocks of 128 in the tied table: fewer scale bytes per token"),
         Precision("int4-full", 4, 4, symmetric=False,
                   doc="4-bit block-32 everywhere, embedding included (smallest)"),

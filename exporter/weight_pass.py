@@ -57,7 +57,7 @@ def _quantized_entries(plan: WeightPlan, graph: ir.Graph, name: str, source, n: 
     packed_shape, scales_shape = packed_shapes(n, k, bits, block)
 
     def part(index: int):
-        return lambda w: plan.quantized(name, bits, block, symmetric, w)[index]
+        return lambda w: plan.quantized(source, bits, block, symmetric, w)[index]  # statistics are per source
 
     inputs = [plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape, part(0))),
               plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape, part(1)))]
@@ -123,7 +123,7 @@ def _embedding(graph: ir.Graph, plan: WeightPlan, value: ir.Value, shape, p: Pre
             batch_shape = _const(graph, matmul, "lm_head.out_shape", [1, -1, vocab])
             _replace(graph, matmul, _node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
     else:
-        bits, block = p.embed_bits, p.block_size
+        bits, block = p.embed_bits, p.embed_block(hidden)
         symmetric = p.symmetric or bits == 8  # 8-bit is symmetric only (see quantize.py)
         packed, scales, *zero_points = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, bits, block,
                                                           symmetric)

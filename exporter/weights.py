@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 
-from .error_feedback import quantize_4bit_feedback
+from .error_feedback import PROJECTION_DAMP, TABLE_DAMP, quantize_4bit_feedback
 from .quantize import quantize_blockwise
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
@@ -70,7 +70,8 @@ class WeightPlan:
             first = source if isinstance(source, str) else source[0]  # fused projections share their input
             importance, gram = self.importance.get(first), self.gram.get(first)
             if gram is not None and bits == 4 and not symmetric:
-                result = quantize_4bit_feedback(tensor, block, gram, importance)
+                damp = TABLE_DAMP if "embed_tokens" in first else PROJECTION_DAMP
+                result = quantize_4bit_feedback(tensor, block, gram, importance, damp)
             else:
                 result = quantize_blockwise(tensor, bits, block, symmetric, importance)
             self._quantized = {key: result}  # only this one

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,7 +105,8 @@ def _dequantized_reference(folder, p):
             if bits is None:
                 continue
             symmetric = scheme.symmetric or bits == 8
-            packed, scales, zero_points = quantize_blockwise(w, bits, scheme.block_size, symmetric)
+            block = p.embed_block(w.shape[1]) if is_embed else scheme.block_size
+            packed, scales, zero_points = quantize_blockwise(w, bits, block, symmetric)
             param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1], zero_points)))
     return model
 
@@ -134,6 +136,39 @@ def test_quantized_decoder_matches_dequantized_reference(tiny_checkpoint, tmp_pa
     size = (out / "decoder.onnx.data").stat().st_size
     fp32_size = sum(t.numel() for t in load_checkpoint(folder).parameters()) * 4
     assert size < 0.5 * fp32_size  # the tied table is stored once, quantized
+
+
+def test_calibrated_export_feeds_errors_forward_in_fused_projections(tiny_checkpoint, tmp_path, monkeypatch):
+    """Calibration statistics reach every 4-bit weight, fused q/k/v and gate/up included (they are keyed by
+    their first source): the written bytes are error feedback's on the stacked rows with the first's Gram."""
+    import sentencepiece
+
+    import gemma3.exporter.export as export_module
+    from gemma3.exporter.calibrate import input_statistics
+    from gemma3.exporter.error_feedback import quantize_4bit_feedback
+
+    _, folder = tiny_checkpoint
+    ids = list(range(2, 40))
+    # the placeholder tokenizer cannot load: calibrate on fixed ids instead of the encoded text
+    monkeypatch.setattr(sentencepiece, "SentencePieceProcessor", lambda model_file: SimpleNamespace(encode=None))
+    monkeypatch.setattr(export_module, "calibration_ids", lambda encode, bos, count: ids)
+    out = export(open_checkpoint(folder), tmp_path / "int4", precision("int4"), eval_graph=False)
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["calibration"]["tokens"] == len(ids)
+    statistics = input_statistics(open_checkpoint(folder), ids, gram_for=lambda name: True)
+    checkpoint, layer = open_checkpoint(folder), "text.layers.1."
+    import onnx
+
+    stored = {t.name: onnx.numpy_helper.to_array(t, base_dir=str(out))
+              for t in onnx.load(out / "decoder.onnx", load_external_data=False).graph.initializer}
+    for fused, parts in (("attn.q_proj+k_proj+v_proj", ("attn.q_proj", "attn.k_proj", "attn.v_proj")),
+                         ("mlp.gate_proj+up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
+        weight = np.concatenate([checkpoint.tensor(f"{layer}{part}.weight").float().numpy() for part in parts])
+        first = f"{layer}{parts[0]}.weight"
+        packed, scales, zero_points = quantize_4bit_feedback(
+            weight, 32, statistics.gram[first], statistics.importance[first])
+        name = f"{layer}{fused}.weight"
+        assert np.array_equal(stored[f"{name}.q4"], packed), name
+        np.testing.assert_array_equal(stored[f"{name}.zero_points"], zero_points)
 
 
 def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
