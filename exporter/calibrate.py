@@ -65,7 +65,7 @@ def input_statistics(
 ) -> InputStatistics:
     """The importance of every nn.Linear of the text decoder and of the tied table (the lm_head's input, the
     final norm's output), and the Gram matrix of the weights `gram_for` accepts (by default the table only:
-    a Gram is K x K, e.g. 32 MiB for the 270M's down_proj). Text only, fp32, one sequence."""
+    a Gram is K x K floats, e.g. 16 MiB for the 270M's down_proj). Text only, fp32, one sequence."""
     config: Gemma3Config = checkpoint.config
     with torch.device("meta"):
         text = Gemma3(config).text
@@ -78,7 +78,7 @@ def input_statistics(
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             importance[name] = x.square().mean(0).float().numpy()
             if gram_for(name):
-                gram[name] = (x.T @ x / len(x)).numpy()
+                gram[name] = (x.T @ x / len(x)).float().numpy()  # accumulated in float64, kept in float32
 
         return hook
 
@@ -106,5 +106,5 @@ def input_statistics(
         head_input = text.final_norm(x)[0].double()
         importance[EMBED] = head_input.square().mean(0).float().numpy()
         if gram_for(EMBED):
-            gram[EMBED] = (head_input.T @ head_input / len(ids)).numpy()
+            gram[EMBED] = (head_input.T @ head_input / len(ids)).float().numpy()
     return InputStatistics(importance, gram)

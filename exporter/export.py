@@ -45,12 +45,32 @@ def local_capacity(window: int) -> int:
     return window + max(16, window // 4)
 
 
-def _error_feedback(precision: Precision, weight: str) -> bool:
-    """Whether `weight` is stored asymmetric 4-bit, and so quantized with error feedback (needs its Gram)."""
-    if weight == EMBED:
-        return precision.embed_bits == 4 and not precision.symmetric
-    scheme = precision.for_projection(weight, 1)
-    return scheme.linear_bits == 4 and not scheme.symmetric
+GRAM_BUDGET = 2 << 30  # bytes of Gram matrices a calibration may hold (float32, one per 4-bit projection)
+# projections reading a distinct input, with the width of that input; k/v and up share q's and gate's
+_GRAM_INPUTS = {"attn.q_proj": "hidden", "attn.o_proj": "attention", "mlp.gate_proj": "hidden",
+                "mlp.down_proj": "intermediate"}
+
+
+def _error_feedback_weights(config: Gemma3Config, precision: Precision) -> tuple[set[str], str]:
+    """The weights quantized with error feedback (asymmetric 4-bit, keyed by a fused group's first source), and
+    a note. Each needs its input's K x K Gram during calibration: the projections' only while they fit
+    GRAM_BUDGET (the 270M's take 0.4 GiB; a 12B's down_proj alone 0.9 GiB per layer), the table's always."""
+    chosen = {EMBED} if precision.embed_bits == 4 and not precision.symmetric else set()
+    width = {"hidden": config.hidden_size, "attention": config.num_heads * config.head_dim,
+             "intermediate": config.intermediate_size}
+    projections = {}
+    for layer in range(config.num_layers):
+        for module, kind in _GRAM_INPUTS.items():
+            name = f"text.layers.{layer}.{module}.weight"
+            scheme = precision.for_projection(name, width[kind])
+            if scheme.linear_bits == 4 and not scheme.symmetric:
+                projections[name] = 4 * width[kind] ** 2
+    total = sum(projections.values())
+    if total <= GRAM_BUDGET:
+        return chosen | set(projections), "error feedback on every asymmetric 4-bit weight"
+    where = "on the tied table only" if chosen else "nowhere"
+    return chosen, (f"error feedback {where}: the projections' Gram matrices would take {total / 2**30:.1f} GiB "
+                    f"(budget {GRAM_BUDGET / 2**30:.0f} GiB), so they get the range search alone")
 
 
 def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool,
@@ -164,10 +184,11 @@ def export(
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
             ids = calibration_ids(encode, config.bos_token_id, calibration_tokens)
             log.info("calibrating 4-bit ranges on %d tokens", len(ids))
-            statistics = input_statistics(checkpoint, ids, gram_for=lambda name: _error_feedback(precision, name))
+            feedback, note = _error_feedback_weights(config, precision)
+            statistics = input_statistics(checkpoint, ids, gram_for=feedback.__contains__)
             plan.importance, plan.gram = statistics.importance, statistics.gram
             calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
-                           "tokens": len(ids), "error_feedback": sorted(statistics.gram)}
+                           "tokens": len(ids), "error_feedback": note}
         size = plan.layout(model.graph, work)
         plan.write(checkpoint, work / DATA_FILE, size)
         _save_graph(model, work / "decoder.onnx")

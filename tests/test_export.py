@@ -204,3 +204,15 @@ def test_cli_errors_are_clear(tmp_path):
     result = CliRunner().invoke(main, ["--size", "1b", "--checkpoint", str(pickled)])
     assert result.exit_code == 2 and "safetensors" in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_error_feedback_grams_stay_within_budget():
+    from gemma3.exporter.export import GRAM_BUDGET, _error_feedback_weights
+    from gemma3.graphs.config import preset
+
+    chosen, note = _error_feedback_weights(preset("270m"), precision("int4"))
+    assert len(chosen) == 4 * 18 and "text.layers.0.mlp.gate_proj.weight" in chosen  # q, o, gate, down per layer
+    assert not any(part in name for name in chosen for part in ("k_proj", "v_proj", "up_proj"))  # shared inputs
+    chosen, note = _error_feedback_weights(preset("12b"), precision("int4-mixed"))
+    assert chosen == {"text.embed_tokens.weight"} and f"budget {GRAM_BUDGET >> 30} GiB" in note
+    assert _error_feedback_weights(preset("27b"), precision("int4"))[0] == set()  # 8-bit table, no room
