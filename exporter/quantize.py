@@ -11,8 +11,8 @@ along K:
     on the weighted error. On the real 270M (8-bit projections), a 4-bit lm_head costs perplexity 13.36 -> 14.37
     round-to-nearest, 14.23 searched, 13.93 searched with calibrated importance: a few input channels of the
     final norm carry 1000x the median energy, and their weights must not share a scale with rounding noise.
-    Given the input's Gram matrix (the tied table: `calibrate.py`), `error_feedback.py` also carries each
-    column's rounding error onto the columns not yet rounded (GPTQ).
+    Given the input's Gram matrix (`calibrate.py`, within a memory budget: `export.py`), `error_feedback.py` also
+    carries each column's rounding error onto the columns not yet rounded (GPTQ).
   - 8-bit, symmetric: scale = absmax / 127 (numpy, below). onnxruntime's 8-bit kernel maps absmax to -128, which
     loses the exactness we want: a GGUF Q8_0 tensor (int8, one scale per 32) re-encodes exactly with absmax / 127.
 """
@@ -76,7 +76,7 @@ class Precision:
         if 4 in (self.linear_bits, self.embed_bits):
             parts.append("4-bit: symmetric, onnxruntime's quantizer" if self.symmetric else
                          "4-bit: asymmetric, per-block range searched for the least input-weighted squared error; "
-                   "with error feedback (GPTQ) where the input's Gram matrix was measured (the tied table)")
+                   "with error feedback (GPTQ) where the input's Gram matrix was measured")
         return "; ".join(parts)
 
 
