@@ -38,23 +38,18 @@ def inverse_factor(gram: np.ndarray, k_padded: int, damp: float) -> np.ndarray:
     return np.linalg.cholesky((inverse + inverse.T) / 2).T.astype(np.float32)
 
 
-def rows_4bit_feedback(weight: np.ndarray, k_padded: int, block_size: int, factor: np.ndarray,
-                       importance: np.ndarray | None):
-    """Like `quantize._rows_4bit_searched`, with each column's rounding error fed forward through `factor`."""
-    n, k = weight.shape
-    w = np.zeros((n, k_padded), dtype=np.float32)
-    w[:, :k] = weight
-    weights = np.ones(k_padded, dtype=np.float32)
-    if importance is not None:
-        weights[:k] = importance
-    k_blocks = k_padded // block_size
+def rows_4bit_feedback(padded: np.ndarray, block_size: int, factor: np.ndarray, channel_weights: np.ndarray):
+    """`quantize._rows_4bit_searched` with each column's rounding error fed forward through `factor`: padded
+    rows [n, k_padded] (modified in place) -> packed data, scales, packed zero points."""
+    w = padded
+    n, k_blocks = len(w), w.shape[1] // block_size
     codes = np.empty((n, k_blocks, block_size), dtype=np.float32)
     scales = np.empty((n, k_blocks, 1), dtype=np.float32)
     zeros = np.empty((n, k_blocks, 1), dtype=np.float32)
     errors = np.empty((n, block_size), dtype=np.float32)
     for b in range(k_blocks):
         start, end = b * block_size, (b + 1) * block_size
-        scale, zero = searched_ranges(w[:, None, start:end], weights[None, None, start:end])
+        scale, zero = searched_ranges(w[:, None, start:end], channel_weights[None, None, start:end])
         scale, zero = scale[:, 0], zero[:, 0]  # [n, 1]
         scales[:, b], zeros[:, b] = scale, zero
         for j in range(start, end):
@@ -66,25 +61,3 @@ def rows_4bit_feedback(weight: np.ndarray, k_padded: int, block_size: int, facto
             errors[:, j - start] = error[:, 0]
         w[:, end:] -= errors @ factor[start:end, end:]
     return pack_4bit(codes, scales, zeros)
-
-
-def quantize_4bit_feedback(weight: np.ndarray, block_size: int, gram: np.ndarray,
-                           importance: np.ndarray | None = None, damp: float = PROJECTION_DAMP):
-    """weight [N, K] -> MatMulNBits' packed data, scales and zero points, as `quantize_blockwise(weight, 4,
-    block_size, symmetric=False, importance)` returns them. Rows are independent: done a chunk at a time."""
-    from . import quantize  # ROWS_PER_CHUNK read at call time (tests shrink it)
-
-    n, k = weight.shape
-    if gram.shape != (k, k):
-        raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
-    packed_shape, scales_shape = quantize.packed_shapes(n, k, 4, block_size)
-    k_padded = packed_shape[1] * block_size
-    factor = inverse_factor(gram, k_padded, damp)
-    packed = np.empty(packed_shape, dtype=np.uint8)
-    scales = np.empty(scales_shape, dtype=np.float32)
-    zero_points = np.empty((n, -(-packed_shape[1] // 2)), dtype=np.uint8)
-    for start in range(0, n, quantize.ROWS_PER_CHUNK):
-        rows = slice(start, min(start + quantize.ROWS_PER_CHUNK, n))
-        packed[rows], scales[rows], zero_points[rows] = rows_4bit_feedback(
-            weight[rows], k_padded, block_size, factor, importance)
-    return packed, scales, zero_points

@@ -119,13 +119,19 @@ ROWS_PER_CHUNK = 4096  # quantize a few MB of rows at a time: temporaries stay s
 
 
 def quantize_blockwise(
-    weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True, importance: np.ndarray | None = None
+    weight: np.ndarray, bits: int, block_size: int, symmetric: bool = True, importance: np.ndarray | None = None,
+    gram: np.ndarray | None = None, damp: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """weight [N, K] (nn.Linear layout) -> packed uint8 [N, k_blocks, blob], fp32 scales [N, k_blocks], and for
     asymmetric 4-bit the zero points packed two per byte [N, ceil(k_blocks / 2)] (MatMulNBits' layout).
-    `importance` [K] weights the error of asymmetric 4-bit's range search (see the module docstring)."""
+    `importance` [K] weights the error of asymmetric 4-bit's range search (see the module docstring); `gram`
+    [K, K] adds error feedback to it (`error_feedback.py`, damped by `damp`, default its PROJECTION_DAMP)."""
+    from . import error_feedback  # it builds on this module's range search
+
     if bits not in (4, 8) or (bits == 8 and not symmetric):
         raise ValueError(f"{bits}-bit {'' if symmetric else 'asymmetric '}weights are not supported")
+    if gram is not None and (bits, symmetric) != (4, False):
+        raise ValueError("error feedback (gram) is for asymmetric 4-bit weights only")
     n, k = weight.shape
     packed_shape, scales_shape = packed_shapes(n, k, bits, block_size)
     packed = np.empty(packed_shape, dtype=np.uint8)
@@ -134,36 +140,42 @@ def quantize_blockwise(
     k_padded = packed_shape[1] * block_size
     if importance is not None and importance.shape != (k,):
         raise ValueError(f"importance has shape {importance.shape}, expected ({k},)")
+    if gram is not None and gram.shape != (k, k):
+        raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
+    channel_weights = np.ones(k_padded, dtype=np.float32)  # padded channels: zero weights, any weight will do
+    if importance is not None:
+        channel_weights[:k] = importance
+    factor = None if gram is None else error_feedback.inverse_factor(
+        gram, k_padded, error_feedback.PROJECTION_DAMP if damp is None else damp)
     for start in range(0, n, ROWS_PER_CHUNK):  # blocks run along K inside a row, so row chunks are exact
         rows = slice(start, min(start + ROWS_PER_CHUNK, n))
+        chunk = np.zeros((rows.stop - start, k_padded), dtype=np.float32)
+        chunk[:, :k] = weight[rows]
         if bits == 8:
-            packed[rows], scales[rows] = _rows_8bit(weight[rows], k_padded, block_size)
+            packed[rows], scales[rows] = _rows_8bit(chunk, block_size)
         elif symmetric:
-            packed[rows], scales[rows] = _rows_4bit_symmetric(weight[rows], k_padded, block_size)
+            packed[rows], scales[rows] = _rows_4bit_symmetric(chunk, block_size)
+        elif factor is None:
+            packed[rows], scales[rows], zero_points[rows] = _rows_4bit_searched(chunk, block_size, channel_weights)
         else:
-            packed[rows], scales[rows], zero_points[rows] = _rows_4bit_searched(
-                weight[rows], k_padded, block_size, importance
-            )
+            packed[rows], scales[rows], zero_points[rows] = error_feedback.rows_4bit_feedback(
+                chunk, block_size, factor, channel_weights)
     return packed, scales, zero_points
 
 
-def _rows_8bit(weight: np.ndarray, k_padded: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    n, k = weight.shape
-    blocks = np.zeros((n, k_padded), dtype=np.float32)
-    blocks[:, :k] = weight
-    blocks = blocks.reshape(n, -1, block_size)
+def _rows_8bit(padded: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    blocks = padded.reshape(len(padded), -1, block_size)
     scales = np.abs(blocks).max(axis=-1) / 127.0
     blocks /= np.where(scales == 0, 1.0, scales)[:, :, None]
     return (np.clip(np.rint(blocks), -127, 127) + 128).astype(np.uint8), scales
 
 
-def _rows_4bit_symmetric(weight: np.ndarray, k_padded: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _rows_4bit_symmetric(padded: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits
 
-    n, k = weight.shape
+    n, k_padded = padded.shape
     packed_shape, scales_shape = packed_shapes(n, k_padded, 4, block_size)
-    columns = np.zeros((k_padded, n), dtype=np.float32)  # the kernel reads K-major (the MatMul's B layout)
-    columns[:k] = weight.T
+    columns = np.ascontiguousarray(padded.T)  # the kernel reads K-major (the MatMul's B layout)
     packed = np.zeros(packed_shape, dtype=np.uint8)
     scales = np.zeros(scales_shape, dtype=np.float32)
     unused_zero_points = np.zeros((n, -(-packed_shape[1] // 2)), dtype=np.uint8)
@@ -175,15 +187,9 @@ def _rows_4bit_symmetric(weight: np.ndarray, k_padded: int, block_size: int) -> 
 SHRINK = tuple(np.linspace(1.0, 0.6, 17).tolist())
 
 
-def _rows_4bit_searched(weight: np.ndarray, k_padded: int, block_size: int, importance: np.ndarray | None):
-    n, k = weight.shape
-    blocks = np.zeros((n, k_padded), dtype=np.float32)
-    blocks[:, :k] = weight
-    blocks = blocks.reshape(n, -1, block_size)
-    weights = np.ones(k_padded, dtype=np.float32)
-    if importance is not None:
-        weights[:k] = importance
-    scale, zero = searched_ranges(blocks, weights.reshape(1, -1, block_size))
+def _rows_4bit_searched(padded: np.ndarray, block_size: int, channel_weights: np.ndarray):
+    blocks = padded.reshape(len(padded), -1, block_size)
+    scale, zero = searched_ranges(blocks, channel_weights.reshape(1, -1, block_size))
     return pack_4bit(codes_4bit(blocks, scale, zero), scale, zero)
 
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 
-from .error_feedback import PROJECTION_DAMP, TABLE_DAMP, quantize_4bit_feedback
+from .error_feedback import PROJECTION_DAMP, TABLE_DAMP
 from .quantize import quantize_blockwise
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
@@ -68,12 +68,9 @@ class WeightPlan:
         key = (source, bits, block, symmetric)
         if key not in self._quantized:
             first = source if isinstance(source, str) else source[0]  # fused projections share their input
-            importance, gram = self.importance.get(first), self.gram.get(first)
-            if gram is not None and bits == 4 and not symmetric:
-                damp = TABLE_DAMP if "embed_tokens" in first else PROJECTION_DAMP
-                result = quantize_4bit_feedback(tensor, block, gram, importance, damp)
-            else:
-                result = quantize_blockwise(tensor, bits, block, symmetric, importance)
+            gram = self.gram.get(first) if (bits, symmetric) == (4, False) else None
+            damp = TABLE_DAMP if "embed_tokens" in first else PROJECTION_DAMP  # the table is also the embedding
+            result = quantize_blockwise(tensor, bits, block, symmetric, self.importance.get(first), gram, damp)
             self._quantized = {key: result}  # only this one
         return self._quantized[key]
 

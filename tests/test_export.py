@@ -145,7 +145,6 @@ def test_calibrated_export_feeds_errors_forward_in_fused_projections(tiny_checkp
 
     import gemma3.exporter.export as export_module
     from gemma3.exporter.calibrate import input_statistics
-    from gemma3.exporter.error_feedback import quantize_4bit_feedback
 
     _, folder = tiny_checkpoint
     ids = list(range(2, 40))
@@ -164,8 +163,8 @@ def test_calibrated_export_feeds_errors_forward_in_fused_projections(tiny_checkp
                          ("mlp.gate_proj+up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
         weight = np.concatenate([checkpoint.tensor(f"{layer}{part}.weight").float().numpy() for part in parts])
         first = f"{layer}{parts[0]}.weight"
-        packed, scales, zero_points = quantize_4bit_feedback(
-            weight, 32, statistics.gram[first], statistics.importance[first])
+        packed, scales, zero_points = quantize_blockwise(
+            weight, 4, 32, False, statistics.importance[first], statistics.gram[first])
         name = f"{layer}{fused}.weight"
         assert np.array_equal(stored[f"{name}.q4"], packed), name
         np.testing.assert_array_equal(stored[f"{name}.zero_points"], zero_points)

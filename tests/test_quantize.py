@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from gemma3.exporter import quantize
-from gemma3.exporter.error_feedback import quantize_4bit_feedback
 from gemma3.exporter.quantize import dequantize_blockwise, quantize_blockwise
 
 
@@ -93,7 +92,7 @@ def test_error_feedback_with_a_diagonal_gram_is_the_range_search():
     """Uncorrelated inputs leave nothing to feed forward: the codes are the range search's, bit for bit."""
     weight = np.random.default_rng(5).standard_normal((300, 96)).astype(np.float32)  # K not a multiple of 64
     importance = np.random.default_rng(6).random(96).astype(np.float32) + 0.1
-    fed = quantize_4bit_feedback(weight, 64, np.diag(importance).astype(np.float64), importance)
+    fed = quantize_blockwise(weight, 4, 64, False, importance, gram=np.diag(importance).astype(np.float64))
     searched = quantize_blockwise(weight, 4, 64, symmetric=False, importance=importance)
     assert all(np.array_equal(a, b) for a, b in zip(fed, searched))
 
@@ -106,11 +105,11 @@ def test_error_feedback_cuts_the_output_error_on_correlated_inputs(monkeypatch):
     def output_error(quantized):
         return float(np.square((dequantize_blockwise(*quantized[:2], 4, 128, quantized[2]) - weight) @ x.T).mean())
 
-    fed = quantize_4bit_feedback(weight, 32, gram, importance, damp=0.01)
+    fed = quantize_blockwise(weight, 4, 32, False, importance, gram, damp=0.01)
     searched = output_error(quantize_blockwise(weight, 4, 32, symmetric=False, importance=importance))
     print(f"output error: range search {searched:.3f}, error feedback {output_error(fed):.3f}")
     assert output_error(fed) < 0.7 * searched  # measured 0.53
     # Rows are independent, so chunking changes nothing but BLAS's summation order (a code at a rounding tie).
     monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 64)
-    chunked = quantize_4bit_feedback(weight, 32, gram, importance, 0.01)
+    chunked = quantize_blockwise(weight, 4, 32, False, importance, gram, 0.01)
     assert np.mean(chunked[0] != fed[0]) < 1e-3 and np.allclose(chunked[1], fed[1], rtol=1e-4)
