@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-from bench import genai_build, ours, peers
+from bench import ours, peers
 from bench.common import run_child
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -33,7 +32,7 @@ def main() -> None:
 
     inputs = peers.load_inputs(embedded_270m_gguf())
     jobs = {
-        "genai": ("bench.peer_genai", inputs.job(model_dir=str(genai_model_dir()))),
+        "genai": ("bench.peer_genai", inputs.job(model_dir=str(peers.build_genai()[0]))),
         "ours": ("bench.ours", inputs.job(model_dir=str(ours.export_dir(args.precision, inputs.gguf)))),
     }
     rounds = []
@@ -54,12 +53,6 @@ def main() -> None:
           f"(min {summary['min_ratio']:.3f}, max {summary['max_ratio']:.3f}) over {len(ratios)} rounds")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ab-{args.precision}.json").write_text(json.dumps(summary, indent=1))
-
-
-def genai_model_dir() -> Path:
-    """genai's model folder, built by its builder in a child (it loads torch and transformers) if missing."""
-    subprocess.run([sys.executable, "-m", "bench.genai_build"], check=True, capture_output=True)
-    return genai_build.genai_dir()
 
 
 if __name__ == "__main__":

@@ -115,6 +115,15 @@ def llama_cpp(inputs: BenchInputs) -> dict[str, Any]:
     return merge("llama.cpp Q4_K_M", speed, ppl, notes)
 
 
+def build_genai() -> tuple[Path, subprocess.CompletedProcess]:
+    """genai's model folder, made by its builder if missing, in a child: it loads torch + transformers, which
+    this process need not hold. Raises Skip when the build fails."""
+    build = subprocess.run([sys.executable, "-m", "bench.genai_build"], capture_output=True, text=True)
+    if build.returncode != 0:
+        raise Skip("genai model build failed: " + " | ".join(build.stderr.strip().splitlines()[-3:]))
+    return genai_build.genai_dir(), build
+
+
 def genai_int4(inputs: BenchInputs) -> dict[str, Any]:
     """onnxruntime-genai, model built by its own builder: int4 RTN, block 32, symmetric, accuracy level 4."""
     spec = importlib.util.find_spec("onnxruntime_genai")
@@ -122,11 +131,8 @@ def genai_int4(inputs: BenchInputs) -> dict[str, Any]:
         raise Skip(f"onnxruntime-genai is not installed in {sys.executable} (python -m bench.setup_peers)")
     from importlib.metadata import version
 
-    # Built in a child: it loads torch + transformers, which this process need not hold.
-    build = subprocess.run([sys.executable, "-m", "bench.genai_build"], capture_output=True, text=True)
-    if build.returncode != 0:
-        raise Skip("genai model build failed: " + " | ".join(build.stderr.strip().splitlines()[-3:]))
-    job = inputs.job(model_dir=str(genai_build.genai_dir()))
+    model_dir, build = build_genai()
+    job = inputs.job(model_dir=str(model_dir))
     speed = run_child(sys.executable, "bench.peer_genai", "speed", job)
     ppl = run_child(sys.executable, "bench.peer_genai", "ppl", job)
     notes = (
