@@ -39,7 +39,7 @@ PAN_AND_SCAN_SIZES = [(896, 896), (640, 480), (1280, 720), (1920, 1080), (4032, 
 
 def export_dir(weights: str) -> Path:
     """The full-size vision graph with `weights` vision weights, exported once per exporter version."""
-    from gemma3.exporter.quantize import Precision, precision
+    from gemma3.exporter.recipes import Recipe, Scheme, recipe
     from gemma3.exporter.vision_graph import export_vision, vision_precision
     from gemma3.graphs.config import preset
     from gemma3.graphs.loaders.random_weights import RandomCheckpoint
@@ -47,10 +47,10 @@ def export_dir(weights: str) -> Path:
     folder = cache_root() / "bench" / f"vision-{SIZE}-{weights}-{_exporter_version()}"
     if not (folder / "manifest.json").exists():
         folder.mkdir(parents=True, exist_ok=True)
-        vision = {"fp32": vision_precision(precision("fp32")), "int8": vision_precision(precision("int8")),
-                  "int4": Precision("int4-block128", 4, None, block_size=128, symmetric=False,
-                                    doc="4-bit asymmetric weights, block 128 (measurement only)")}[weights]
-        manifest = export_vision(RandomCheckpoint(preset(SIZE)), folder, precision("fp32"), vision=vision)
+        vision = {"fp32": vision_precision(recipe("fp32")), "int8": vision_precision(recipe("int8")),
+                  "int4": Recipe("int4-block128", "ort", "4-bit asymmetric weights, block 128 (measurement only)",
+                                 Scheme("int4", 128, symmetric=False, search=True), Scheme("float32"))}[weights]
+        manifest = export_vision(RandomCheckpoint(preset(SIZE)), folder, recipe("fp32"), vision=vision)
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return folder
 

@@ -30,7 +30,7 @@ from gemma3.graphs.loaders.checkpoint import Checkpoint
 from gemma3.graphs.model import Gemma3
 from gemma3.graphs.rope import RotaryTables
 
-from .weight_pass import EMBED
+from .recipes import EMBED
 
 CALIBRATION_MODULES = (
     "os", "re", "json", "collections", "argparse", "subprocess", "typing", "asyncio",
@@ -58,6 +58,7 @@ def _load(module: nn.Module, checkpoint: Checkpoint, prefix: str) -> None:
 class InputStatistics:
     importance: dict[str, np.ndarray]  # weight name -> mean over tokens of input^2 per input channel [K]
     gram: dict[str, np.ndarray]  # weight name -> mean over tokens of x x^T [K, K] (the weights `gram_for` names)
+    absmax: dict[str, float]  # weight name -> largest |input| over every token and channel (fp8 activation scales)
 
 
 def input_statistics(
@@ -72,11 +73,13 @@ def input_statistics(
     text.rope = RotaryTables(config)
     importance: dict[str, np.ndarray] = {}
     gram: dict[str, np.ndarray] = {}
+    absmax: dict[str, float] = {}
 
     def record(name: str):
         def hook(_module, inputs):
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()
             importance[name] = x.square().mean(0).float().numpy()
+            absmax[name] = float(x.abs().max())
             if gram_for(name):
                 gram[name] = (x.T @ x / len(x)).float().numpy()  # accumulated in float64, kept in float32
 
@@ -105,6 +108,7 @@ def input_statistics(
         _load(text.final_norm, checkpoint, FINAL_NORM + ".")
         head_input = text.final_norm(x)[0].double()
         importance[EMBED] = head_input.square().mean(0).float().numpy()
+        absmax[EMBED] = float(head_input.abs().max())
         if gram_for(EMBED):
             gram[EMBED] = (head_input.T @ head_input / len(ids)).float().numpy()
-    return InputStatistics(importance, gram)
+    return InputStatistics(importance, gram, absmax)

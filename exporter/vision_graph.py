@@ -34,7 +34,7 @@ from gemma3.graphs.loaders.checkpoint import Checkpoint
 from gemma3.graphs.model import Gemma3
 
 from .lower_ort import MS_DOMAIN
-from .quantize import Precision
+from .recipes import Recipe, Scheme
 from .weight_pass import plan_weights
 from .weights import WeightPlan
 
@@ -44,10 +44,10 @@ FILE = "vision.onnx"
 DATA_FILE = "vision.onnx.data"
 ONNX_IR_VERSION = 10  # as export.py: onnxruntime 1.31 refuses the IR 14 onnx 1.23 writes by default
 
-FP32 = Precision("fp32", None, None, doc="float32 weights")
+FP32 = Recipe("fp32", "ort", "float32 weights", Scheme("float32"), Scheme("float32"))
 # Block 128 along K: K = 1152 splits exactly, fc2's K = 4304 pads its last block (MatMulNBits handles that at 8 bits).
-INT8_128 = Precision("int8-block128", 8, None, block_size=128, block_8bit=128,
-                     doc="8-bit symmetric weights, block 128, int8 activations (accuracy_level 4)")
+INT8_128 = Recipe("int8-block128", "ort", "8-bit symmetric weights, block 128, int8 activations (accuracy_level 4)",
+                  Scheme("int8", 128), Scheme("float32"), fallback_block=128)
 NOTES = {
     "fp32": "fp32 weights, like the decoder.",
     "int8-block128": "The decoder's precision is quantized; the vision graph takes 8-bit (block 128) weights whatever "
@@ -57,8 +57,14 @@ NOTES = {
 }
 
 
-def vision_precision(decoder: Precision) -> Precision:
-    """The vision graph's weight precision for a decoder precision (measurements in the module docstring)."""
+def vision_precision(decoder: Recipe) -> Recipe:
+    """The vision graph's weight precision for a decoder precision (measurements in the module docstring).
+    tensorrt: plain SigLIP in the decoder's compute dtype, float weights (TensorRT fuses its attention itself;
+    fp8 vision weights are not offered: their feature error is unmeasured on a real tower)."""
+    if decoder.target == "tensorrt":
+        storage = Scheme(decoder.compute_dtype)
+        return Recipe(f"vision-{decoder.compute_dtype}", "tensorrt", f"{decoder.compute_dtype} weights", storage,
+                      storage, compute_dtype=decoder.compute_dtype)
     return INT8_128 if decoder.quantized else FP32
 
 
@@ -73,7 +79,7 @@ class ImageFeatures(torch.nn.Module):
         return self.model.image_features(pixel_values)
 
 
-def trace_vision(config: Gemma3Config) -> ir.Model:
+def trace_vision(config: Gemma3Config, dtype: torch.dtype = torch.float32) -> ir.Model:
     """`Gemma3.image_features` as an ONNX IR model with a dynamic image axis; parameters have no data.
 
     Only the tower's and projector's parameters become initializers: the text decoder is never called.
@@ -82,11 +88,11 @@ def trace_vision(config: Gemma3Config) -> ir.Model:
         raise ValueError(f"the {config.name} model is text-only; it has no vision graph")
     side = config.vision.image_size
     with torch.device("meta"):  # no weight is ever allocated
-        module = ImageFeatures(Gemma3(config)).eval()
+        module = ImageFeatures(Gemma3(config).to(dtype)).eval()
         with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                module, (torch.zeros(2, 3, side, side),), dynamo=True, optimize=False, verbose=False,
+                module, (torch.zeros(2, 3, side, side, dtype=dtype),), dynamo=True, optimize=False, verbose=False,
                 opset_version=23, dynamic_shapes=({0: "images"},),
             )
     model = program.model
@@ -122,8 +128,8 @@ def _name_fused_nodes(graph: ir.Graph) -> None:
                 node.name = name
 
 
-def export_vision(checkpoint: Checkpoint, folder: Path, precision: Precision, *,
-                  vision: Precision | None = None) -> dict:
+def export_vision(checkpoint: Checkpoint, folder: Path, precision: Recipe, *,
+                  vision: Recipe | None = None) -> dict:
     """Write `folder/vision.onnx` + `folder/vision.onnx.data`; returns the manifest's `vision` section.
 
     `precision` is the decoder's; the vision graph's own follows `vision_precision` (why: the returned "note").
@@ -135,27 +141,37 @@ def export_vision(checkpoint: Checkpoint, folder: Path, precision: Precision, *,
     v, folder = config.vision, Path(folder)
     chosen = vision or vision_precision(precision)
     log.info("tracing the vision graph (%d layers, %s weights)", v.num_layers, chosen.name)
-    model = trace_vision(config)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[chosen.compute_dtype]
+    model = trace_vision(config, dtype)
     plan = WeightPlan(DATA_FILE)
     plan_weights(model, chosen, plan, {})
     size = plan.layout(model.graph, folder)
     plan.write(checkpoint, folder / DATA_FILE, size)
-    fusions = _optimize(model, v.num_layers)
+    if chosen.target == "ort":
+        fusions = _optimize(model, v.num_layers)
+    else:  # standard ONNX for TensorRT: constant folding only
+        from onnxscript import optimizer
+
+        optimizer.optimize(model, onnx_shape_inference=False)
+        model.opset_imports.pop(MS_DOMAIN, None)
+        fusions = {}
     proto = ir.to_proto(model)
     proto.ir_version = ONNX_IR_VERSION
     proto.producer_name = "gemma3-export"
     onnx.save(proto, folder / FILE)
     return {
         "file": FILE,
-        "inputs": {"pixel_values": {"shape": ["images", 3, v.image_size, v.image_size], "dtype": "float32"}},
+        "inputs": {"pixel_values": {"shape": ["images", 3, v.image_size, v.image_size],
+                                    "dtype": chosen.compute_dtype}},
         "outputs": {"image_features": {"shape": ["images", v.mm_tokens_per_image, config.hidden_size],
-                                       "dtype": "float32"}},
+                                       "dtype": chosen.compute_dtype}},
         "image_size": v.image_size,
         "tokens_per_image": v.mm_tokens_per_image,
-        "weights": "fp32" if chosen.linear_bits is None else f"int{chosen.linear_bits}",
-        "quantization": None if chosen.linear_bits is None else {
-            "linear_bits": chosen.linear_bits, "block_size": chosen.block_size,
-            "accuracy_level": chosen.accuracy_level, "scheme": chosen.scheme,
+        "weights": chosen.projections.storage.replace("float32", "fp32") if not chosen.projections.quantized
+        else f"int{chosen.projections.bits}",
+        "quantization": None if not chosen.projections.quantized else {
+            "linear_bits": chosen.projections.bits, "block_size": chosen.projections.block,
+            "accuracy_level": chosen.accuracy_level, "scheme": chosen.describe(),
             "kept_fp32": "patch embedding, position embeddings, norms, biases, projector matmul"},
         "weights_bytes": size,
         "fusions": fusions,

@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 
-from .error_feedback import PROJECTION_DAMP, TABLE_DAMP
-from .quantize import quantize_blockwise
+from .quantize import FP8_MAX
+from .quantizers import Quantized, quantize
+from .recipes import Scheme
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
 
@@ -35,10 +36,18 @@ class Stored:
     make: Callable[[np.ndarray], np.ndarray]
     offset: int = -1
     alias_of: str | None = None  # same bytes as another entry, seen under another shape
+    onnx_type: ir.DataType | None = None  # when the bytes are packed: INT4 (two per byte, `dtype` uint8)
+
+    @property
+    def ir_type(self) -> ir.DataType:
+        return self.onnx_type or _ir_dtype(self.dtype)
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        count = int(np.prod(self.shape, dtype=np.int64))
+        if self.onnx_type in (ir.DataType.INT4, ir.DataType.UINT4):
+            return -(-count // 2)
+        return count * np.dtype(self.dtype).itemsize
 
 
 @dataclass
@@ -49,30 +58,38 @@ class WeightPlan:
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     # per weight: the Gram matrix of its matmul's input; asymmetric 4-bit weights with one get error feedback
     gram: dict[str, np.ndarray] = field(default_factory=dict)
-    _quantized: dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    # per fused group's first source: absmax of its matmul's input (fp8 activation scales), from calibrate.py
+    absmax: dict[str, float] = field(default_factory=dict)
+    _quantized: dict[tuple, Quantized] = field(default_factory=dict)
 
     def add(self, graph: ir.Graph, entry: Stored) -> ir.Value:
         """Register the initializer in the graph (data filled in by `layout`)."""
         if entry.name in self.entries:
             raise ValueError(f"initializer {entry.name} planned twice")
         self.entries[entry.name] = entry
-        value = ir.Value(name=entry.name, shape=ir.Shape(entry.shape), type=ir.TensorType(_ir_dtype(entry.dtype)))
+        value = ir.Value(name=entry.name, shape=ir.Shape(entry.shape), type=ir.TensorType(entry.ir_type))
         value.const_value = ir.ExternalTensor(
-            self.location, 0, entry.nbytes, _ir_dtype(entry.dtype), shape=ir.Shape(entry.shape), name=entry.name
+            self.location, 0, entry.nbytes, entry.ir_type, shape=ir.Shape(entry.shape), name=entry.name
         )
         graph.register_initializer(value)
         return value
 
-    def quantized(self, source: str | tuple[str, ...], bits: int, block: int, symmetric: bool, tensor: np.ndarray):
-        """Pack once per tensor and scheme even when several initializers (data, scales, zero points) need it."""
-        key = (source, bits, block, symmetric)
+    def quantized(self, source: str | tuple[str, ...], scheme: Scheme, tensor: np.ndarray,
+                  scale_dtype: str | None = None) -> Quantized:
+        """Quantize once per tensor and scheme even when several initializers (data, scales, zero points) need it."""
+        key = (source, scheme, scale_dtype)
         if key not in self._quantized:
             first = source if isinstance(source, str) else source[0]  # fused projections share their input
-            gram = self.gram.get(first) if (bits, symmetric) == (4, False) else None
-            damp = TABLE_DAMP if "embed_tokens" in first else PROJECTION_DAMP  # the table is also the embedding
-            result = quantize_blockwise(tensor, bits, block, symmetric, self.importance.get(first), gram, damp)
+            gram = self.gram.get(first) if scheme.damp is not None else None
+            result = quantize(tensor, scheme, self.importance.get(first), gram, scale_dtype)
             self._quantized = {key: result}  # only this one
         return self._quantized[key]
+
+    def input_scale(self, first: str) -> float:
+        """fp8 activations: the per-tensor scale of a matmul's input, absmax / 448 over the calibration text."""
+        if first not in self.absmax:
+            raise ValueError(f"no calibrated input range for {first}: fp8 activations need calibration")
+        return max(self.absmax[first], 1e-12) / FP8_MAX
 
     def layout(self, graph: ir.Graph, base_dir: str | os.PathLike) -> int:
         """Assign page-aligned offsets in checkpoint-read order; returns the data file size."""
@@ -88,7 +105,7 @@ class WeightPlan:
                 entry.offset = placed[entry.alias_of]
             value = graph.initializers[entry.name]
             value.const_value = ir.ExternalTensor(
-                self.location, entry.offset, entry.nbytes, _ir_dtype(entry.dtype), shape=ir.Shape(entry.shape),
+                self.location, entry.offset, entry.nbytes, entry.ir_type, shape=ir.Shape(entry.shape),
                 name=entry.name, base_dir=base_dir,
             )
         return offset
@@ -108,8 +125,9 @@ class WeightPlan:
                     tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
                 for entry in entries:
                     data = np.ascontiguousarray(entry.make(tensor), dtype=entry.dtype)
-                    if data.shape != entry.shape:
-                        raise AssertionError(f"{entry.name}: made {data.shape}, planned {entry.shape}")
+                    expected = (entry.nbytes,) if entry.onnx_type is not None else entry.shape
+                    if data.shape != expected:
+                        raise AssertionError(f"{entry.name}: made {data.shape}, planned {expected}")
                     f.seek(entry.offset)
                     f.write(data.tobytes())
                 del tensor

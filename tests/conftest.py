@@ -47,8 +47,8 @@ def our_270m_model(gguf_270m_path):
 def ort_270m_fp32(gguf_270m_path, tmp_path_factory):
     """The real 270M exported to ONNX (fp32, ort target) by our exporter, once per session (~1 min)."""
     from gemma3.exporter.export import export
-    from gemma3.exporter.quantize import precision
+    from gemma3.exporter.recipes import recipe
     from gemma3.graphs import open_checkpoint
 
     return export(open_checkpoint(gguf_270m_path, size="270m"), tmp_path_factory.mktemp("ort270m") / "fp32",
-                  precision("fp32"), eval_graph=False)
+                  recipe("fp32"), eval_graph=False)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from gemma3.exporter.calibrate import calibration_text, input_statistics
-from gemma3.exporter.weight_pass import EMBED
+from gemma3.exporter.recipes import EMBED
 from gemma3.graphs import load_checkpoint, open_checkpoint
 from gemma3.graphs.config import tiny
 from gemma3.runtime.perplexity import eval_text

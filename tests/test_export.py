@@ -16,7 +16,10 @@ import pytest
 import torch
 
 from gemma3.exporter.export import export, local_capacity
-from gemma3.exporter.quantize import dequantize_blockwise, precision, quantize_blockwise
+from gemma3.exporter.quantize import dequantize_blockwise
+from gemma3.exporter.quantizers import quantize
+from gemma3.exporter.recipes import EMBED, recipe
+from gemma3.exporter.weight_pass import fused_name
 from gemma3.graphs import load_checkpoint, open_checkpoint
 from gemma3.graphs.config import LOCAL, tiny
 from tests.hf_reference import random_hf_model, save_hf
@@ -37,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def fp32_export(tiny_checkpoint, tmp_path_factory):
     _, folder = tiny_checkpoint
-    return export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", precision("fp32"))
+    return export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", recipe("fp32"))
 
 
 def _ids(length: int, seed: int = 0) -> torch.Tensor:
@@ -91,23 +94,20 @@ FUSED = {"q_proj": "q_proj+k_proj+v_proj", "k_proj": "q_proj+k_proj+v_proj", "v_
 
 
 def _dequantized_reference(folder, p):
-    """Our PyTorch model with every quantized weight replaced by its quantize-dequantize round trip."""
+    """Our PyTorch model with every quantized weight replaced by its quantize-dequantize round trip (uniform
+    importance, no Gram: what an uncalibrated export stores)."""
     model = load_checkpoint(folder)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if param.ndim != 2:
                 continue
             w = param.numpy()
-            is_embed = name == "text.embed_tokens.weight"
             module = name.rsplit(".", 2)[1]
-            scheme = p if is_embed else p.for_projection(name.replace(module, FUSED.get(module, module)), w.shape[1])
-            bits = p.embed_bits if is_embed else scheme.linear_bits
-            if bits is None:
+            scheme = p.scheme(name if name == EMBED else name.replace(module, FUSED.get(module, module)), w.shape[1])
+            if not scheme.quantized:
                 continue
-            symmetric = scheme.symmetric or bits == 8
-            block = p.embed_block(w.shape[1]) if is_embed else scheme.block_size
-            packed, scales, zero_points = quantize_blockwise(w, bits, block, symmetric)
-            param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, bits, w.shape[1], zero_points)))
+            packed, scales, zero_points = quantize(w, scheme)
+            param.copy_(torch.from_numpy(dequantize_blockwise(packed, scales, scheme.bits, w.shape[1], zero_points)))
     return model
 
 
@@ -121,7 +121,7 @@ def _dequantized_reference(folder, p):
 @torch.no_grad()
 def test_quantized_decoder_matches_dequantized_reference(tiny_checkpoint, tmp_path, name, accuracy_level, tolerance):
     _, folder = tiny_checkpoint
-    p = dataclasses.replace(precision(name), accuracy_level=accuracy_level)
+    p = dataclasses.replace(recipe(name), accuracy_level=accuracy_level)
     # uniform importance (no calibration: the placeholder tokenizer cannot encode); calibration has its own test
     out = export(open_checkpoint(folder), tmp_path / name, p, eval_graph=False, calibration_tokens=0)
     ids = _ids(sum(CHUNKS), seed=3)
@@ -151,7 +151,7 @@ def test_calibrated_export_feeds_errors_forward_in_fused_projections(tiny_checkp
     # the placeholder tokenizer cannot load: calibrate on fixed ids instead of the encoded text
     monkeypatch.setattr(sentencepiece, "SentencePieceProcessor", lambda model_file: SimpleNamespace(encode=None))
     monkeypatch.setattr(export_module, "calibration_ids", lambda encode, bos, count: ids)
-    out = export(open_checkpoint(folder), tmp_path / "int4", precision("int4"), eval_graph=False)
+    out = export(open_checkpoint(folder), tmp_path / "int4", recipe("int4"), eval_graph=False)
     assert json.loads((out / "manifest.json").read_text())["quantization"]["calibration"]["tokens"] == len(ids)
     statistics = input_statistics(open_checkpoint(folder), ids, gram_for=lambda name: True)
     checkpoint, layer = open_checkpoint(folder), "text.layers.1."
@@ -163,9 +163,10 @@ def test_calibrated_export_feeds_errors_forward_in_fused_projections(tiny_checkp
                          ("mlp.gate_proj+up_proj", ("mlp.gate_proj", "mlp.up_proj"))):
         weight = np.concatenate([checkpoint.tensor(f"{layer}{part}.weight").float().numpy() for part in parts])
         first = f"{layer}{parts[0]}.weight"
-        packed, scales, zero_points = quantize_blockwise(
-            weight, 4, 32, False, statistics.importance[first], statistics.gram[first])
         name = f"{layer}{fused}.weight"
+        assert fused_name([f"{layer}{part}.weight" for part in parts]) == name
+        packed, scales, zero_points = quantize(
+            weight, recipe("int4").scheme(name, weight.shape[1]), statistics.importance[first], statistics.gram[first])
         assert np.array_equal(stored[f"{name}.q4"], packed), name
         np.testing.assert_array_equal(stored[f"{name}.zero_points"], zero_points)
 
@@ -182,13 +183,13 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path):
 
     checkpoint.tensor = broken
     with pytest.raises(OSError, match="disk vanished"):
-        export(checkpoint, tmp_path / "model", precision("fp32"), eval_graph=False)
+        export(checkpoint, tmp_path / "model", recipe("fp32"), eval_graph=False)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_existing_output_needs_force(fp32_export, tiny_checkpoint):
     with pytest.raises(FileExistsError, match="--force"):
-        export(open_checkpoint(tiny_checkpoint[1]), fp32_export, precision("fp32"))
+        export(open_checkpoint(tiny_checkpoint[1]), fp32_export, recipe("fp32"))
 
 
 def test_cli_errors_are_clear(tmp_path):
@@ -209,9 +210,9 @@ def test_error_feedback_grams_stay_within_budget():
     from gemma3.exporter.export import GRAM_BUDGET, _error_feedback_weights
     from gemma3.graphs.config import preset
 
-    chosen, note = _error_feedback_weights(preset("270m"), precision("int4"))
+    chosen, note = _error_feedback_weights(preset("270m"), recipe("int4"))
     assert len(chosen) == 4 * 18 and "text.layers.0.mlp.gate_proj.weight" in chosen  # q, o, gate, down per layer
     assert not any(part in name for name in chosen for part in ("k_proj", "v_proj", "up_proj"))  # shared inputs
-    chosen, note = _error_feedback_weights(preset("12b"), precision("int4-mixed"))
+    chosen, note = _error_feedback_weights(preset("12b"), recipe("int4-mixed"))
     assert chosen == {"text.embed_tokens.weight"} and f"budget {GRAM_BUDGET >> 30} GiB" in note
-    assert _error_feedback_weights(preset("27b"), precision("int4"))[0] == set()  # 8-bit table, no room
+    assert _error_feedback_weights(preset("27b"), recipe("int4"))[0] == set()  # 8-bit table, no room

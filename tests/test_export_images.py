@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from gemma3.exporter.export import export, local_capacity
-from gemma3.exporter.quantize import precision
+from gemma3.exporter.recipes import recipe
 from gemma3.graphs import load_checkpoint, open_checkpoint
 from tests.hf_reference import prompt_with_images, random_hf_model, save_hf, tiny_multimodal
 from tests.ort_steps import Steps
@@ -24,7 +24,7 @@ def mm_export(request, tmp_path_factory):
     hf = random_hf_model(tiny_multimodal(mm_tokens=request.param), seed=3)
     folder = save_hf(hf, tmp_path_factory.mktemp("mm"))
     (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
-    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", precision("fp32"),
+    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", recipe("fp32"),
                  eval_graph=False)
     return hf, load_checkpoint(folder), out
 

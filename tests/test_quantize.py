@@ -5,15 +5,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gemma3.exporter import quantize
-from gemma3.exporter.quantize import dequantize_blockwise, quantize_blockwise
+from gemma3.exporter import quantize, quantizers
+from gemma3.exporter.quantize import dequantize_blockwise
+from gemma3.exporter.recipes import PROJECTION_DAMP, Scheme
+
+
+def quantize_blockwise(weight, bits, block, symmetric=True, importance=None, gram=None, damp=None):
+    """The scheme these tests mean: 8-bit absmax; 4-bit symmetric through onnxruntime's quantizer; 4-bit asymmetric
+    range-searched, with error feedback when a Gram is given."""
+    scheme = Scheme(f"int{bits}", block, symmetric, search=not symmetric,
+                    onnxruntime_quantizer=bits == 4 and symmetric,
+                    damp=(damp or PROJECTION_DAMP) if gram is not None else None)
+    return quantizers.quantize(weight, scheme, importance, gram)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_row_chunks_change_nothing(bits, monkeypatch):
     weight = np.random.default_rng(0).standard_normal((5000, 96)).astype(np.float32)
     whole = quantize_blockwise(weight, bits, 32)
-    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 1000)
+    monkeypatch.setattr(quantizers, "ROWS_PER_CHUNK", 1000)
     chunked = quantize_blockwise(weight, bits, 32)
     assert all(np.array_equal(a, b) for a, b in zip(whole, chunked))
 
@@ -110,6 +120,6 @@ def test_error_feedback_cuts_the_output_error_on_correlated_inputs(monkeypatch):
     print(f"output error: range search {searched:.3f}, error feedback {output_error(fed):.3f}")
     assert output_error(fed) < 0.7 * searched  # measured 0.53
     # Rows are independent, so chunking changes nothing but BLAS's summation order (a code at a rounding tie).
-    monkeypatch.setattr(quantize, "ROWS_PER_CHUNK", 64)
+    monkeypatch.setattr(quantizers, "ROWS_PER_CHUNK", 64)
     chunked = quantize_blockwise(weight, 4, 32, False, importance, gram, 0.01)
     assert np.mean(chunked[0] != fed[0]) < 1e-3 and np.allclose(chunked[1], fed[1], rtol=1e-4)

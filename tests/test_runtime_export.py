@@ -21,12 +21,12 @@ from gemma3.runtime.perplexity import eval_ids, eval_windows, perplexity, window
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from gemma3.exporter.export import export
-    from gemma3.exporter.quantize import precision
+    from gemma3.exporter.recipes import recipe
     from gemma3.graphs import model_from_checkpoint
     from gemma3.graphs.config import tiny
     from gemma3.graphs.loaders.random_weights import RandomCheckpoint
     checkpoint = RandomCheckpoint(tiny(vocab_size=262144, max_position_embeddings=256), seed=4)
-    folder = export(checkpoint, tmp_path_factory.mktemp("export") / "tiny", precision("fp32"))
+    folder = export(checkpoint, tmp_path_factory.mktemp("export") / "tiny", recipe("fp32"))
     return folder, model_from_checkpoint(checkpoint).eval()
 
 

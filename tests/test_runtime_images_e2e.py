@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from gemma3.exporter.export import export
-from gemma3.exporter.quantize import precision
+from gemma3.exporter.recipes import recipe
 from gemma3.graphs import open_checkpoint
 from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
@@ -30,7 +30,7 @@ def mm_model(tmp_path_factory):
     hf = random_hf_model(CONFIG, seed=8)
     folder = save_hf(hf, tmp_path_factory.mktemp("mm_ckpt"))
     (folder / "tokenizer.model").write_bytes(sentencepiece_model_from_gguf(embedded_270m_gguf()))
-    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("mm_out") / "fp32", precision("fp32"),
+    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("mm_out") / "fp32", recipe("fp32"),
                  eval_graph=False)
     images = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)

@@ -20,7 +20,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from gemma3.exporter.quantize import precision
+from gemma3.exporter.recipes import recipe
 from gemma3.exporter.vision_graph import DATA_FILE, FILE, export_vision
 from gemma3.exporter.weights import ALIGN
 from gemma3.graphs.config import preset, tiny
@@ -53,7 +53,7 @@ def tiny_export(tmp_path_factory):
     manifests = {}
     for name in ("fp32", "int4"):
         (root / name).mkdir()
-        manifests[name] = export_vision(checkpoint, root / name, precision(name))
+        manifests[name] = export_vision(checkpoint, root / name, recipe(name))
     return hf, root, manifests
 
 
@@ -92,7 +92,7 @@ def test_tiny_quantized_precision_gives_8bit_vision(tiny_export):
 
 def test_text_only_model_has_no_vision_graph(tmp_path):
     with pytest.raises(ValueError, match="text-only"):
-        export_vision(RandomCheckpoint(tiny()), tmp_path, precision("fp32"))
+        export_vision(RandomCheckpoint(tiny()), tmp_path, recipe("fp32"))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,7 @@ def full_size(tmp_path_factory):
     checkpoint = RandomCheckpoint(config)
     folder = tmp_path_factory.mktemp("vision-4b")
     t0 = time.perf_counter()
-    manifest = export_vision(checkpoint, folder, precision("fp32"))
+    manifest = export_vision(checkpoint, folder, recipe("fp32"))
     print(f"full-size vision export: {time.perf_counter() - t0:.1f} s")
     return checkpoint, folder, manifest
 
