@@ -50,7 +50,7 @@ class DecoderStep(torch.nn.Module):
                 image_features: torch.Tensor | None = None):
         pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
         logits, new_cache = self.model.step(input_ids, past_len, pairs, image_features, last_only=not self.all_logits)
-        return (logits, *[t for pair in new_cache for t in pair])
+        return (logits.float(), *[t for pair in new_cache for t in pair])  # fp32 logits whatever the compute dtype
 
 
 def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
@@ -59,34 +59,49 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
     return {f"model.text.rope.{name}": buffer for name, buffer in tables.named_buffers()}
 
 
-def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False) -> ir.Model:
+def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False,
+                  dtype: torch.dtype = torch.float32, batched: bool = False) -> ir.Model:
     """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
 
     images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
     order (multimodal configs; the runtime uses this graph only for chunks that hold an image).
+    dtype: the compute dtype (weights, activations, caches; logits are always float32).
+    batched: the tensorrt contract: a dynamic batch, `past_len` [B] int32 per sequence. Otherwise (ort): one
+    sequence, `past_len` a 0-d int64.
     """
     if images and config.vision is None:
         raise ValueError(f"the {config.name} model is text-only; it has no image graph")
     layers = config.num_layers
+    batch = 2 if batched else 1  # an example of 2 keeps the batch axis symbolic
     with torch.device("meta"):  # everything traced on meta: no weight is ever allocated
-        step = DecoderStep(Gemma3(config), all_logits).eval()
+        model = Gemma3(config)
+        if dtype != torch.float32:
+            model.to(dtype)
+            model.text.rope = RotaryTables(config)  # RoPE stays float32 (as transformers'); values: constants()
+        step = DecoderStep(model, all_logits).eval()
         cache = []
         for i in range(layers):
             capacity = config.window(i) or 16  # any example size: the capacity axis is dynamic
-            shape = (1, config.num_kv_heads, capacity, config.head_dim)
-            cache += [torch.zeros(shape), torch.zeros(shape)]
-        args = (torch.zeros((1, 4), dtype=torch.int64), torch.tensor(0, dtype=torch.int64), cache)
-        cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
-        dynamic_shapes = ({1: "new_tokens"}, None, cache_dims)
+            shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+            cache += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
+        if batched:
+            past_len = torch.zeros((batch,), dtype=torch.int32)
+            cache_dims = [{0: "batch", 2: f"capacity_{i // 2}"} for i in range(2 * layers)]
+            dynamic_shapes = ({0: "batch", 1: "new_tokens"}, {0: "batch"}, cache_dims)
+        else:
+            past_len = torch.tensor(0, dtype=torch.int64)
+            cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
+            dynamic_shapes = ({1: "new_tokens"}, None, cache_dims)
+        args = (torch.zeros((batch, 4), dtype=torch.int64), past_len, cache)
         if images:
-            args += (torch.zeros((2, config.hidden_size)),)
+            args += (torch.zeros((2, config.hidden_size), dtype=dtype),)
             dynamic_shapes += ({0: "image_rows"},)
         with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                step, args, dynamo=True, optimize=False, verbose=False, opset_version=23,
+                step, args, dynamic_shapes=dynamic_shapes, dynamo=True, optimize=False, verbose=False,
+                opset_version=23,
                 custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
-                dynamic_shapes=dynamic_shapes,
             )
     onnx_model = program.model
     _name_io(onnx_model.graph, layers, images)

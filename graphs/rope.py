@@ -26,8 +26,13 @@ class RotaryTables(torch.nn.Module):
             self.register_buffer(f"inv_freq_{kind}", inv_freq(rope, config.head_dim), persistent=False)
 
     def forward(self, positions: torch.Tensor, kind: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (S,) int64 -> cos, sin (1, S, head_dim / 2) in `dtype` (one half: both halves share it)."""
-        freqs = positions.to(torch.float32)[:, None] * getattr(self, f"inv_freq_{kind}")[None, :]
+        """positions (S,) or (B, S) int64 -> cos, sin (1 or B, S, head_dim / 2) in `dtype` (one half: both halves
+        share it). Per-sequence positions are the batched (tensorrt) contract: each row at its own offset."""
+        inv = getattr(self, f"inv_freq_{kind}")
+        if positions.dim() == 2:
+            freqs = positions.to(torch.float32)[:, :, None] * inv  # (B, S, head_dim / 2)
+            return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        freqs = positions.to(torch.float32)[:, None] * inv[None, :]
         return freqs.cos().to(dtype)[None], freqs.sin().to(dtype)[None]
 
 

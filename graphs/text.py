@@ -139,8 +139,13 @@ class TextDecoder(nn.Module):
     def step(
         self, x: torch.Tensor, past_len: torch.Tensor, group_ids: torch.Tensor, cache: KVCache
     ) -> tuple[torch.Tensor, KVCache]:
-        """Embedded new tokens (B, S, hidden) after `past_len` cached ones -> final-normed hidden, new cache."""
-        positions = past_len + torch.arange(x.shape[1], dtype=torch.int64)
+        """Embedded new tokens (B, S, hidden) after `past_len` cached ones -> final-normed hidden, new cache.
+
+        past_len: 0-d (every row at the same offset: the ort graphs) or (B,) (per sequence: the tensorrt graphs)."""
+        if past_len.dim() == 0:
+            positions = past_len + torch.arange(x.shape[1], dtype=torch.int64)  # (S,)
+        else:
+            positions = past_len.to(torch.int64)[:, None] + torch.arange(x.shape[1], dtype=torch.int64)  # (B, S)
         tables = {kind: self.rope(positions, kind, x.dtype) for kind in self.rope.layer_types}
         new_cache: KVCache = []
         for layer, layer_cache in zip(self.layers, cache):

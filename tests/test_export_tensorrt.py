@@ -1,0 +1,247 @@
+"""The tensorrt-target graphs, run on the CPU (exporter/tensorrt_on_cpu.py), against transformers and our model.
+
+fp32 compute: tolerance 1e-4 (same math, fp32 reduction order; the HybridAttention nodes run the reference op
+lowered to standard ONNX). bf16: every tensor the graph writes is rounded to bf16, so logits move by a few bf16
+steps of the logit scale against our PyTorch model in bf16 (which rounds at its own op boundaries): tolerance
+stated per test. Quantized weight formats are checked where they are decoded: ONNX Runtime's DequantizeLinear
+reads the stored bytes back to exactly our quantizer's values.
+"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from gemma3.exporter.export import export
+from gemma3.exporter.quantize import dequantize_blockwise, signed_int4_columns
+from gemma3.exporter.quantizers import quantize
+from gemma3.exporter.recipes import Scheme, recipe
+from gemma3.exporter.tensorrt_on_cpu import CpuSteps
+from gemma3.graphs import load_checkpoint, open_checkpoint
+from gemma3.graphs.config import tiny
+from gemma3.plugins import attention_schema as schema
+from tests.hf_reference import prompt_with_images, random_hf_model, save_hf, tiny_multimodal
+
+CHUNKS = [7, 12, 1, 1, 1, 9, 1]  # 12 > window 8: a chunk longer than the ring
+
+
+def _trt(name: str):
+    return recipe(name, "tensorrt")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    hf = random_hf_model(tiny(), seed=11)
+    folder = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
+    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
+    return hf, folder
+
+
+@pytest.fixture(scope="module")
+def trt_fp32(tiny_checkpoint, tmp_path_factory):
+    return export(open_checkpoint(tiny_checkpoint[1]), tmp_path_factory.mktemp("trt") / "fp32", _trt("fp32"),
+                  max_context=64, max_batch=4)
+
+
+def _ids(length: int, seed: int = 0) -> torch.Tensor:
+    ids = torch.randint(3, 500, (1, length), generator=torch.Generator().manual_seed(seed))
+    ids[0, 0] = 2
+    return ids
+
+
+def _run_chunks(steps: CpuSteps, ids: torch.Tensor) -> list[np.ndarray]:
+    out, pos = [], 0
+    for n in CHUNKS:
+        out.append(steps(ids[:, pos:pos + n].numpy())[0, -1])
+        pos += n
+    return out
+
+
+@torch.no_grad()
+def test_fp32_graph_matches_transformers(tiny_checkpoint, trt_fp32):
+    hf, _ = tiny_checkpoint
+    ids = _ids(sum(CHUNKS))
+    reference = hf(ids).logits[0].numpy()
+    got = _run_chunks(CpuSteps(trt_fp32), ids)
+    ends = np.cumsum(CHUNKS) - 1
+    worst = max(float(np.abs(g - reference[e]).max()) for g, e in zip(got, ends))
+    print(f"tensorrt fp32 graph on CPU vs transformers, chunked prefill + decode: {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_batched_decode_equals_each_sequence_alone(trt_fp32):
+    """Two sequences at different positions (13 and 5 tokens in) decode in one B=2 step each: per-sequence
+    past_len, the local rings wrapping at different rows. Each row equals the sequence run alone."""
+    a, b = _ids(13, seed=1).numpy(), _ids(5, seed=2).numpy()
+    alone = []
+    for prompt in (a, b):
+        steps = CpuSteps(trt_fp32)
+        steps(prompt)
+        alone.append([steps(np.array([[7 + i]]))[0, -1] for i in range(6)])
+    batched, singles = CpuSteps(trt_fp32, batch=2), [CpuSteps(trt_fp32), CpuSteps(trt_fp32)]
+    for single, prompt in zip(singles, (a, b)):
+        single(prompt)
+    for name in batched.cache:
+        batched.cache[name] = np.concatenate([s.cache[name] for s in singles])
+    batched.past = np.array([13, 5], np.int32)
+    for i in range(6):
+        logits = batched(np.array([[7 + i], [7 + i]]))[:, -1]
+        for row in range(2):
+            assert np.abs(logits[row] - alone[row][i]).max() < 1e-5
+
+
+def test_graph_contract(trt_fp32):
+    """What TensorRT's parser and the plugin see: one gemma3::HybridAttention per layer with int/float attributes,
+    past_len [batch] int32, explicit caches (ring of W rows / max context), standard ONNX only."""
+    model = onnx.load(trt_fp32 / "decoder.onnx", load_external_data=False)
+    nodes = [n for n in model.graph.node if n.op_type == schema.ONNX_OP_TYPE]
+    config = tiny()
+    assert len(nodes) == config.num_layers and {n.domain for n in nodes} == {schema.ONNX_DOMAIN}
+    for node in nodes:
+        kinds = {a.name: a.type for a in node.attribute}
+        assert set(kinds) == {a.name for a in schema.ATTRIBUTES}
+        assert all(t in (onnx.AttributeProto.INT, onnx.AttributeProto.FLOAT) for t in kinds.values())
+    assert {n.domain for n in model.graph.node} <= {"", schema.ONNX_DOMAIN}  # no com.microsoft ops
+    inputs = {i.name: i.type.tensor_type for i in model.graph.input}
+    assert inputs["past_len"].elem_type == TensorProto.INT32
+    assert [d.dim_param or d.dim_value for d in inputs["past_len"].shape.dim] == ["batch"]
+    manifest = json.loads((trt_fp32 / "manifest.json").read_text())
+    assert manifest["target"] == "tensorrt" and manifest["engine"]["max_batch"] == 4
+    capacities = [layer["capacity"] for layer in manifest["decoder"]["layers"]]
+    assert capacities == [config.window(i) or 64 for i in range(config.num_layers)]
+
+
+@torch.no_grad()
+def test_bf16_graph_tracks_our_bf16_model(tiny_checkpoint, tmp_path):
+    _, folder = tiny_checkpoint
+    out = export(open_checkpoint(folder), tmp_path / "bf16", _trt("bf16"), max_context=64, eval_graph=False)
+    model = onnx.load(out / "decoder.onnx", load_external_data=False)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert all(t == TensorProto.BFLOAT16 for name, t in types.items() if name.endswith(".weight"))
+    ids = _ids(sum(CHUNKS), seed=4)
+    ours = load_checkpoint(folder).to(torch.bfloat16)
+    reference = ours(ids)[0].float().numpy()
+    got = _run_chunks(CpuSteps(out), ids)
+    scale = float(np.abs(reference).max())
+    worst = max(float(np.abs(g - reference[e]).max()) for g, e in zip(got, np.cumsum(CHUNKS) - 1))
+    print(f"tensorrt bf16 graph on CPU vs our bf16 model: {worst:.3e} (logit scale {scale:.2f})")
+    assert worst < 0.03 * scale
+
+
+def test_int4_bytes_decode_to_our_quantizer_values():
+    """INT4 [K, N] (signed, low nibble first) + scales [K / block, N] through ONNX Runtime's DequantizeLinear
+    (axis 0, block_size) give exactly the symmetric quantizer's values."""
+    weight = np.random.default_rng(0).standard_normal((48, 256)).astype(np.float32)  # [N, K]
+    scheme = Scheme("int4", 128, symmetric=True, search=True)
+    packed, scales, _ = quantize(weight, scheme)
+    expected = dequantize_blockwise(packed, scales, 4, 256).T  # [K, N]
+    data = signed_int4_columns(packed, 256)
+    w = helper.make_tensor("w", TensorProto.INT4, [256, 48], data.tobytes(), raw=True)
+    s = helper.make_tensor("s", TensorProto.FLOAT, [2, 48], scales.T.ravel())
+    node = helper.make_node("DequantizeLinear", ["w", "s"], ["y"], axis=0, block_size=128)
+    graph = helper.make_graph([node], "dq", [], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [256, 48])],
+                              initializer=[w, s])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    proto.ir_version = 10
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    np.testing.assert_array_equal(got, expected)
+    assert np.abs(expected - weight.T).max() <= np.abs(weight).max() / 7 * 1.01  # within one step
+
+
+def test_symmetric_search_beats_round_to_nearest():
+    from gemma3.exporter import quantize as primitives
+
+    weight = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
+    searched = quantize(weight, Scheme("int4", 128, symmetric=True, search=True))
+    saved = primitives.SHRINK
+    primitives.SHRINK = (1.0,)
+    try:
+        nearest = quantize(weight, Scheme("int4", 128, symmetric=True, search=True))
+    finally:
+        primitives.SHRINK = saved
+
+    def error(q):
+        return float(np.square(dequantize_blockwise(q.data, q.scales, 4, 256) - weight).sum())
+
+    assert error(searched) < 0.9 * error(nearest)
+
+
+def _calibrated(monkeypatch, ids):
+    import sentencepiece
+
+    import gemma3.exporter.export as export_module
+
+    monkeypatch.setattr(sentencepiece, "SentencePieceProcessor", lambda model_file: SimpleNamespace(encode=None))
+    monkeypatch.setattr(export_module, "calibration_ids", lambda encode, bos, count: ids)
+
+
+@pytest.mark.parametrize("name, tolerance", [("fp8", 0.15), ("int4", 0.25)])
+@torch.no_grad()
+def test_quantized_graphs_stay_near_fp32(tiny_checkpoint, trt_fp32, tmp_path, monkeypatch, name, tolerance):
+    """fp8 (Q/DQ activations and weights) and int4 (blockwise DQ) run end to end on the CPU and stay within a
+    stated fraction of the logit scale of the fp32 graph on these random weights (tiny widths: 4-bit blocks of
+    a 64-wide model are coarse)."""
+    _calibrated(monkeypatch, list(range(2, 40)))
+    out = export(open_checkpoint(tiny_checkpoint[1]), tmp_path / name, _trt(name), max_context=64,
+                 eval_graph=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["quantization"]["calibration"]["tokens"] == 38
+    ids = _ids(sum(CHUNKS), seed=5)
+    reference = _run_chunks(CpuSteps(trt_fp32), ids)
+    got = _run_chunks(CpuSteps(out), ids)
+    scale = max(float(np.abs(r).max()) for r in reference)
+    worst = max(float(np.abs(g - r).max()) for g, r in zip(got, reference))
+    print(f"tensorrt {name} vs fp32 graph: {worst:.3e} (logit scale {scale:.2f})")
+    assert np.isfinite(worst) and worst < tolerance * scale
+
+
+@torch.no_grad()
+def test_image_prompt_matches_transformers(tmp_path):
+    """One decoder graph serves text and image steps: image_features rows (0 on text steps) and the plugin's
+    bidirectional groups, against Gemma3ForConditionalGeneration."""
+    hf = random_hf_model(tiny_multimodal(mm_tokens=4), seed=3)
+    folder = save_hf(hf, tmp_path / "mm")
+    (folder / "tokenizer.model").write_bytes(b"placeholder")
+    out = export(open_checkpoint(folder), tmp_path / "out", _trt("fp32"), max_context=128, eval_graph=False)
+    ours = load_checkpoint(folder)
+    c = ours.config
+    ids = prompt_with_images(c, images=2, seed=2, text=30)
+    pixels = torch.rand(2, 3, c.vision.image_size, c.vision.image_size, generator=torch.Generator().manual_seed(1))
+    pixels = pixels * 2 - 1
+    features = ours.image_features(pixels).flatten(0, 1).numpy()
+    reference = hf(input_ids=ids, pixel_values=pixels, token_type_ids=(ids == c.image_token_id).long()).logits[0]
+    steps, used, start, worst = CpuSteps(out), 0, 0, 0.0
+    row = ids[0].tolist()
+    while start < len(row):  # text in pieces of 5, each image whole with the text right after it
+        end = min(start + 5, len(row))
+        if c.boi_token_id in row[start:end]:
+            end = min(row.index(c.eoi_token_id, start) + 2, len(row))
+        chunk = ids[:, start:end].numpy()
+        n_image = int((chunk == c.image_token_id).sum())
+        logits = steps(chunk, features[used:used + n_image] if n_image else None)[0, -1]
+        used += n_image
+        worst = max(worst, float(np.abs(logits - reference[end - 1].numpy()).max()))
+        start = end
+    print(f"tensorrt fp32 graph, image prompt: max abs diff {worst:.2e}")
+    assert worst < 1e-4
+
+
+def test_cli_precision_target_pairs(tmp_path):
+    from gemma3.exporter.cli import main
+
+    result = CliRunner().invoke(main, ["--size", "270m", "--precision", "fp8", "--target", "ort",
+                                       "--out", str(tmp_path / "x")])
+    assert result.exit_code == 2 and "no fp8 matmul kernel" in result.output
+    result = CliRunner().invoke(main, ["--size", "12b", "--precision", "fp8", "--out", str(tmp_path / "y")])
+    assert result.exit_code != 0 and "--checkpoint" in result.output and "--random-weights" in result.output
+    result = CliRunner().invoke(main, ["--size", "270m", "--precision", "int8-head4", "--target", "tensorrt"])
+    assert result.exit_code == 2 and "--target ort" in result.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
