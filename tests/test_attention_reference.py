@@ -3,7 +3,8 @@
 Tolerance 1e-5 on the fp32 attention output: both sides compute the same float32 operations in the same order
 (scores, scale, -inf mask, softmax, weighted sum); only the summation order inside the dot products and the
 softmax sum differs (MLAS vs torch's BLAS, grouped-query matmul vs repeat_interleave): rounding of order 1e-6
-on outputs of order 1 (observed up to 3e-6, at head_dim 256), so 1e-5 catches any semantic error. The caches are pure data movement: compared bit for bit.
+on outputs of order 1 (observed up to 3e-6, at head_dim 256), so 1e-5 catches any semantic error. The caches
+are pure data movement: compared bit for bit.
 """
 
 from __future__ import annotations
@@ -82,8 +83,11 @@ def test_ring_keeps_the_last_window_positions():
 
 # (b) ------------------------------------------------------------------------------------------------------------
 
-def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int) -> ort.InferenceSession:
-    """One HybridAttention node (B, S, C dynamic), lowered to standard ops."""
+def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
+             probes: tuple[str, ...] = ()) -> ort.InferenceSession:
+    """One HybridAttention node (B, S, C dynamic), lowered to standard ops.
+
+    probes: inner int64 [B, KVH, kept, D] values (scatter indices) to add as outputs, by node name."""
     widths = {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim}
     shapes = {**{name: ["B", "S", w] for name, w in widths.items()},
               "k_cache": ["B", kv_heads, "C", dim], "v_cache": ["B", kv_heads, "C", dim],
@@ -104,6 +108,11 @@ def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int) -> 
     proto.ir_version = 10  # helper writes IR 14, which onnxruntime refuses
     model = ir.serde.deserialize_model(proto)
     assert lower_to_reference(model) == 1
+    values = {out.name: out for node in model.graph for out in node.outputs}
+    for name in probes:  # int64 index tensors; shape inference has not run, so their type is given here
+        probe = values[f"layers.0.attn.ref.{name}"]
+        probe.type, probe.shape = ir.TensorType(ir.DataType.INT64), ir.Shape(["B", kv_heads, "kept", dim])
+        model.graph.outputs.append(probe)
     proto = ir.serde.serialize_model(model)
     assert {n.domain for n in proto.graph.node} == {""}
     assert all(n.name.startswith("layers.0.attn.ref.") for n in proto.graph.node)
@@ -163,6 +172,17 @@ def test_lowering_matches_reference(heads, kv_heads, dim, window, capacity):
         for name, g, e in zip(("k_cache", "v_cache"), got[1:], expected[1:]):
             assert np.array_equal(g, e.numpy()), f"{label}: {name} differs"
     print(f"H {heads} KVH {kv_heads} D {dim} W {window}: {len(cases)} cases, max abs diff {worst:.2e}")
+
+
+def test_ring_scatter_rows_are_distinct():
+    """A chunk longer than the window scatters W rows, not S: ONNX leaves repeated indices undefined (ONNX
+    Runtime's last-write-wins would hide them from the comparison above)."""
+    heads, kv_heads, dim, window = 2, 1, 4, 4
+    session = _session(heads, kv_heads, dim, 0.5, window, probes=("k_cache_index_full",))
+    inputs = _inputs(heads, kv_heads, dim, window, [2, 7], 2 * window + 3, False, seed=0)
+    index = session.run(None, {spec.name: t.numpy() for spec, t in zip(schema.INPUTS, inputs)})[-1]
+    assert index.shape == (2, kv_heads, window, dim)
+    assert all(sorted(index[b, 0, :, 0]) == list(range(window)) for b in range(2))
 
 
 class _Step(torch.nn.Module):
