@@ -87,7 +87,8 @@ def lower_bidirectional(model: ir.Model) -> int:
     new_tokens = shared.op("Shape", graph.inputs[0], start=1, end=2)  # [1]
     total = shared.op("Add", past_len, new_tokens)
     seqlens, total_i32 = sequence_lengths(graph, nodes[0])
-    groups = shared.op("Reshape", nodes[0].inputs[6], shared.const([-1]))  # [S]: one sequence
+    group_ids = shared.op("Cast", nodes[0].inputs[6], to=I64)  # int32 by the op's contract; int64 masks here
+    groups = shared.op("Reshape", group_ids, shared.const([-1]))  # [S]: one sequence
     global_bias = _mask_bias(shared, shared.const([0]), total, past_len, new_tokens, groups, 0)  # all global layers
     for index, node in enumerate(nodes):
         attrs = {a.name: a.value for a in node.attributes.values()}

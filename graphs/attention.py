@@ -16,13 +16,14 @@ _QUALNAME = f"{schema.OP_NAMESPACE}::{schema.OP_NAME}"
 def key_positions(past_len: torch.Tensor, capacity: int, window: int) -> torch.Tensor:
     """Absolute position held by each cache row before this step; -1 marks an empty row.
 
-    Global cache: row r holds position r.  Local ring of `window` rows: row r holds the newest position
-    p < past_len with p % window == r.
+    past_len (B,) -> (B, capacity) (a 0-d past_len gives (capacity,)). Global cache: row r holds position r.
+    Local ring of `window` rows: row r holds the newest position p < past_len with p % window == r.
     """
+    past = past_len.to(torch.int64)[..., None]
     rows = torch.arange(capacity, dtype=torch.int64)
     if window == 0:
-        return torch.where(rows < past_len, rows, -1)
-    newest = past_len - 1 - torch.remainder(past_len - 1 - rows, window)
+        return torch.where(rows < past, rows, -1)
+    newest = past - 1 - torch.remainder(past - 1 - rows, window)
     return torch.where(newest >= 0, newest, -1)
 
 
@@ -31,25 +32,25 @@ def visibility(
 ) -> torch.Tensor:
     """Boolean mask (B, S, K): key visible to query. -1 key positions are empty rows and never visible.
 
-    q_pos (S,), k_pos (K,), q_group (B, S), k_group (B, K): the rule of the schema, in one place.
+    q_pos (B, S), k_pos (B, K), q_group (B, S), k_group (B, K): the rule of the schema, in one place.
     """
-    causal = k_pos[None, None, :] <= q_pos[None, :, None]
+    q_pos, k_pos = q_pos[:, :, None], k_pos[:, None, :]
+    causal = k_pos <= q_pos
     same_image = (q_group[:, :, None] == k_group[:, None, :]) & (q_group[:, :, None] >= 0)
-    visible = (causal | same_image) & (k_pos[None, None, :] >= 0)
+    visible = (causal | same_image) & (k_pos >= 0)
     if window > 0:
-        visible = visible & (q_pos[None, :, None] - k_pos[None, None, :] < window)
+        visible = visible & (q_pos - k_pos < window)
     return visible
 
 
-def _write_cache(cache: torch.Tensor, new: torch.Tensor, past_len: torch.Tensor, window: int) -> torch.Tensor:
-    """cache (B, KVH, C, D) with new (B, KVH, S, D) written at their rows (ring rows for local layers)."""
-    new_tokens = new.shape[2]
-    if window > 0:
-        new = new[:, :, -window:]  # only the newest `window` positions survive in the ring
-    kept = new.shape[2]
-    positions = past_len + (new_tokens - kept) + torch.arange(kept, dtype=torch.int64)
-    rows = torch.remainder(positions, window) if window > 0 else positions
-    return cache.index_copy(2, rows, new)
+def _write_cache(cache: torch.Tensor, new: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
+    """cache (B, KVH, C, D) with new (B, KVH, S, D) at positions q_pos (B, S) written at their rows (ring rows
+    for local layers). A scatter per batch row: every sequence writes at its own position."""
+    if window > 0:  # only the newest `window` positions survive in the ring (and their rows are distinct)
+        new, q_pos = new[:, :, -window:], q_pos[:, -window:]
+    rows = torch.remainder(q_pos, window) if window > 0 else q_pos  # (B, kept)
+    index = rows[:, None, :, None].expand(new.shape)
+    return cache.scatter(2, index, new)
 
 
 def hybrid_attention_reference(
@@ -74,8 +75,9 @@ def hybrid_attention_reference(
 
     # Attend over [cache rows as they were] + [new tokens]; the new tokens are not yet in the cache, so a
     # chunk longer than the window still sees every key its queries need.
-    q_pos = past_len + torch.arange(new_tokens, dtype=torch.int64)  # (S,)
-    k_pos = torch.cat((key_positions(past_len, capacity, window), q_pos))  # (C + S,)
+    past = past_len.to(torch.int64)  # (B,) int32 by contract; int64 for index arithmetic
+    q_pos = past[:, None] + torch.arange(new_tokens, dtype=torch.int64)  # (B, S)
+    k_pos = torch.cat((key_positions(past, capacity, window), q_pos), dim=1)  # (B, C + S)
     cached_group = torch.full((batch, capacity), -1, dtype=group_ids.dtype)  # images never straddle steps
     k_group = torch.cat((cached_group, group_ids), dim=1)  # (B, C + S)
     mask = visibility(q_pos, k_pos, group_ids, k_group, window)  # (B, S, C + S)
@@ -92,7 +94,7 @@ def hybrid_attention_reference(
     out = torch.matmul(probs, values)  # (B, H, S, D)
     out = out.transpose(1, 2).reshape(batch, new_tokens, num_heads * head_dim)
 
-    return out, _write_cache(k_cache, k, past_len, window), _write_cache(v_cache, v, past_len, window)
+    return out, _write_cache(k_cache, k, q_pos, window), _write_cache(v_cache, v, q_pos, window)
 
 
 @torch.library.custom_op(_QUALNAME, mutates_args=(), schema=schema.torch_schema())

@@ -65,8 +65,9 @@ class Attention(nn.Module):
         v = self.v_proj(x)  # (B, S, KVH * D): v is not normalised
         q = apply_rope(self.q_norm(q), cos, sin)  # QK-norm before RoPE; (B, S, H * D)
         k = apply_rope(self.k_norm(k), cos, sin)
+        past = past_len.reshape(-1).expand(batch).to(torch.int32)  # the op's contract: [B] int32
         out, k_cache, v_cache = hybrid_attention(
-            q, k, v, cache[0], cache[1], past_len, group_ids,
+            q, k, v, cache[0], cache[1], past, group_ids.to(torch.int32),
             self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.window,
         )
         return self.o_proj(out), (k_cache, v_cache)

@@ -3,7 +3,8 @@
 Everything that implements or translates the op reads this: the torch custom op in `gemma3.graphs.attention`,
 the ONNX translations in the exporter, the TensorRT plugin registration and the Triton kernels.
 
-Semantics (one decoder layer, one step over S new tokens after `past_len` tokens already in context):
+Semantics (one decoder layer, one step over S new tokens per sequence; sequence b has `past_len[b]` tokens
+already in context, so its new tokens sit at positions past_len[b] .. past_len[b] + S - 1):
   - q, k, v arrive after QK-norm and RoPE (RoPE is applied by the caller, so the op knows nothing of bases).
   - Key j (absolute position) is visible to the query at position p when
         (j <= p  or  both are soft tokens of the same image)  and  (window == 0  or  p - j < window).
@@ -11,10 +12,19 @@ Semantics (one decoder layer, one step over S new tokens after `past_len` tokens
     With the real window sizes (512 / 1024) an image's 256 tokens always fit the window.
   - group_ids: per new token, -1 for text, otherwise the image it belongs to. Images never straddle a step,
     so groups only matter among the new tokens.
-  - Cache layouts (reference / TensorRT):
-      global (window == 0): [B, kv_heads, capacity, head_dim]; position j lives in row j.
-      local  (window  > 0): [B, kv_heads, window, head_dim], a ring; position j lives in row j % window.
-    The op returns the updated caches (functional in the reference; in place in the plugin).
+  - GQA: query head h reads kv head h // (num_heads / num_kv_heads).
+
+Why the contract looks like this (TensorRT's AOT plugin ABI, ../shared/docs/tensorrt-facts.md section 1):
+  - An AOT kernel receives tensors as pointers plus int32 scalars derived from shapes only; nothing per step can
+    travel as a scalar. So per-step values are int32 device tensors: past_len [B] and group_ids [B, S].
+  - ONNX INT / FLOAT attributes reach the plugin as kINT32 / kFLOAT32 fields: attributes are int or float only.
+  - Caches are explicit inputs and outputs (the plugin may alias them in place; the reference is functional):
+      global (window == 0): [B, kv_heads, capacity, head_dim], capacity = max context; position j in row j.
+      local  (window  > 0): [B, kv_heads, window, head_dim], a ring of exactly W rows; position j in row j % W.
+        A step with S > W writes only its last W tokens (the earlier ones are already out of every window).
+  - S is the same for every sequence of a step: ragged prefill runs one sequence at a time (B = 1) on its slot
+    of the batched cache; decode batches sequences at different positions (S = 1, past_len differs per row).
+  - The cache dtype is the compute dtype (bf16 / fp16 / fp32, as q); softmax runs in fp32.
 """
 
 from __future__ import annotations
@@ -33,7 +43,7 @@ ONNX_OPSET_VERSION = 1
 class TensorSpec:
     name: str
     shape: str  # symbolic, for docs and error messages
-    dtype: str  # "float" (fp32 / fp16 / bf16 as the model) or "int64"
+    dtype: str  # "float" (fp32 / fp16 / bf16, the model's compute dtype) or "int32"
     doc: str
 
 
@@ -43,8 +53,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("v", "[B, S, num_kv_heads * head_dim]", "float", "new values"),
     TensorSpec("k_cache", "[B, num_kv_heads, C, head_dim]", "float", "C = capacity (global) or window (local)"),
     TensorSpec("v_cache", "[B, num_kv_heads, C, head_dim]", "float", "same layout as k_cache"),
-    TensorSpec("past_len", "[]", "int64", "tokens already in context before this step"),
-    TensorSpec("group_ids", "[B, S]", "int64", "-1 for text, image index for image soft tokens"),
+    TensorSpec("past_len", "[B]", "int32", "tokens already in context before this step, per sequence"),
+    TensorSpec("group_ids", "[B, S]", "int32", "-1 for text, image index for image soft tokens"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
@@ -57,7 +67,7 @@ OUTPUTS: tuple[TensorSpec, ...] = (
 @dataclass(frozen=True)
 class AttributeSpec:
     name: str
-    type: str  # "int" or "float"
+    type: str  # "int" or "float" (ONNX INT / FLOAT; TensorRT plugin fields kINT32 / kFLOAT32)
     doc: str
 
 
