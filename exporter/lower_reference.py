@@ -8,7 +8,8 @@ step for step (contract and mask rule: plugins/attention_schema.py):
     r >= past_len), row r of a local ring the newest position p < past_len with p % W == r;
   - GQA without copying keys: query heads are grouped per kv head ([B, KVH, G * S, D] against [B, KVH, K, D]),
     which is the reference's repeat_interleave (query head h reads kv head h // G);
-  - scores * scale, masked to -inf, softmax and back in float32 (q's dtype otherwise: cast there and back);
+  - scores * scale, masked to -inf, softmax in float32 (other dtypes: cast there and back, scaling after the
+    cast, one rounding fewer than the reference's scale in q's dtype; identical in fp32);
   - caches are functional outputs written by ScatterElements at row = position (global) or position % W
     (local, only the last W new tokens: their rows are distinct, so no index repeats).
 """

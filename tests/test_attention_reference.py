@@ -84,7 +84,7 @@ def test_ring_keeps_the_last_window_positions():
 # (b) ------------------------------------------------------------------------------------------------------------
 
 def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
-             probes: tuple[str, ...] = ()) -> ort.InferenceSession:
+             probes: tuple[str, ...] = (), dtype: int = TensorProto.FLOAT) -> ort.InferenceSession:
     """One HybridAttention node (B, S, C dynamic), lowered to standard ops.
 
     probes: inner int64 [B, KVH, kept, D] values (scatter indices) to add as outputs, by node name."""
@@ -96,8 +96,8 @@ def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
               "v_cache_out": ["B", kv_heads, "C", dim]}
 
     def info(spec: schema.TensorSpec):
-        dtype = TensorProto.FLOAT if spec.dtype == "float" else TensorProto.INT32
-        return helper.make_tensor_value_info(spec.name, dtype, shapes[spec.name])
+        return helper.make_tensor_value_info(spec.name, dtype if spec.dtype == "float" else TensorProto.INT32,
+                                             shapes[spec.name])
 
     node = helper.make_node(schema.ONNX_OP_TYPE, [t.name for t in schema.INPUTS], [t.name for t in schema.OUTPUTS],
                             domain=schema.ONNX_DOMAIN, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
@@ -183,6 +183,20 @@ def test_ring_scatter_rows_are_distinct():
     index = session.run(None, {spec.name: t.numpy() for spec, t in zip(schema.INPUTS, inputs)})[-1]
     assert index.shape == (2, kv_heads, window, dim)
     assert all(sorted(index[b, 0, :, 0]) == list(range(window)) for b in range(2))
+
+
+def test_half_inputs_softmax_in_float32():
+    """fp16 q/k/v/caches: scores cast to float32 for the softmax and back (the reference's dtype=float32).
+    Tolerance: one fp16 rounding of outputs of order 1 (the reference scales before its cast, we after)."""
+    heads, kv_heads, dim, window = 4, 2, 16, 4
+    session = _session(heads, kv_heads, dim, 0.25, window, dtype=TensorProto.FLOAT16)
+    inputs = _inputs(heads, kv_heads, dim, window, [3, 9], 6, True, seed=2)
+    inputs = tuple(t.half() if t.is_floating_point() else t for t in inputs)
+    expected = _reference(inputs, heads, kv_heads, dim, 0.25, window)
+    got = session.run(None, {spec.name: t.numpy() for spec, t in zip(schema.INPUTS, inputs)})
+    assert got[0].dtype == np.float16
+    assert np.abs(got[0].astype(np.float32) - expected[0].float().numpy()).max() < 2e-3
+    assert all(np.array_equal(g, e.numpy()) for g, e in zip(got[1:], expected[1:]))
 
 
 class _Step(torch.nn.Module):
