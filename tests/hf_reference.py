@@ -9,47 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import Gemma3Config as HFGemma3Config
-from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration, SiglipVisionConfig
-from transformers import Gemma3TextConfig as HFTextConfig
+from transformers import Gemma3ForCausalLM, Gemma3ForConditionalGeneration
 
-from gemma3.graphs.config import GLOBAL, LOCAL, Gemma3Config, VisionConfig, tiny
-
-_HF_TYPE = {LOCAL: "sliding_attention", GLOBAL: "full_attention"}
-
-
-def _rope(r) -> dict:
-    if r.linear_factor == 1.0:
-        return {"rope_type": "default", "rope_theta": r.base}
-    return {"rope_type": "linear", "factor": r.linear_factor, "rope_theta": r.base}
-
-
-def hf_text_config(c: Gemma3Config) -> HFTextConfig:
-    return HFTextConfig(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        num_hidden_layers=c.num_layers, num_attention_heads=c.num_heads, num_key_value_heads=c.num_kv_heads,
-        head_dim=c.head_dim, query_pre_attn_scalar=c.query_pre_attn_scalar, sliding_window=c.sliding_window,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        layer_types=[_HF_TYPE[t] for t in c.layer_types],
-        rope_parameters={_HF_TYPE[k]: _rope(r) for k, r in c.rope.items()},
-        pad_token_id=0, bos_token_id=2, eos_token_id=1,
-    )
-
-
-def hf_config(c: Gemma3Config):
-    if c.vision is None:
-        return hf_text_config(c)
-    v = c.vision
-    vision = SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads, image_size=v.image_size, patch_size=v.patch_size,
-        layer_norm_eps=v.layer_norm_eps, vision_use_head=False, hidden_act="gelu_pytorch_tanh",
-    )
-    return HFGemma3Config(
-        text_config=hf_text_config(c).to_dict(), vision_config=vision.to_dict(),
-        mm_tokens_per_image=v.mm_tokens_per_image, image_token_index=c.image_token_id,
-        boi_token_index=c.boi_token_id, eoi_token_index=c.eoi_token_id,
-    )
+from bench.make_checkpoint import hf_config  # the config builders live with the checkpoint writer
+from gemma3.graphs.config import Gemma3Config, VisionConfig, tiny
 
 
 def tiny_multimodal(**overrides) -> Gemma3Config:

@@ -93,6 +93,41 @@ def hf_to_ours(name: str) -> str | None:
     return f"{part}layers.{index}.{mapped}" if mapped else None
 
 
+
+# What transformers' `save_pretrained` writes (checked against a real save by tests/test_make_checkpoint.py):
+# the legacy prefixes, not the in-memory `model.language_model.*` names, and the tower without `vision_model.`.
+_HF_SAVE_PREFIX = {"vision.": "vision_tower.", "projector.": "multi_modal_projector."}
+_OURS_TEXT = {v: k for k, v in _HF_TEXT.items()}
+_OURS_VISION = {v: k for k, v in _HF_VISION.items()}
+_OURS_PROJECTOR = {v: k for k, v in _HF_PROJECTOR.items()}
+_OURS_LAYER = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def ours_to_hf(name: str, multimodal: bool) -> str:
+    """The HF tensor name transformers saves for one of our parameter names (inverse of `hf_to_ours`).
+
+    Text weights go under `language_model.model.` in a multimodal checkpoint (Gemma3ForConditionalGeneration)
+    and under `model.` in a text-only one (Gemma3ForCausalLM). Raises KeyError for a name that is not ours.
+    """
+    part, _, rest = name.partition(".")
+    part += "."
+    if part == "projector.":
+        return _HF_SAVE_PREFIX[part] + _OURS_PROJECTOR[rest]
+    if part == "text.":
+        prefix, table, layers = ("language_model.model." if multimodal else "model."), _OURS_TEXT, "layers"
+    elif part == "vision.":
+        prefix, table, layers = _HF_SAVE_PREFIX[part], _OURS_VISION, "encoder.layers"
+    else:
+        raise KeyError(name)
+    layer = _OURS_LAYER.match(rest)
+    if layer is None:
+        return prefix + table[rest]
+    index, tail = layer.groups()
+    if part == "text.":
+        return f"{prefix}{layers}.{index}.{table[tail]}"
+    module, _, leaf = tail.rpartition(".")  # vision: "ln1.weight" -> "layer_norm1.weight"
+    return f"{prefix}{layers}.{index}.{table[module]}.{leaf}"
+
 # ---- GGUF (llama.cpp, text decoder only; the vision tower ships as a separate mmproj file) ---------------
 _GGUF_LAYER = {
     "attn_norm": "input_norm",

@@ -26,7 +26,14 @@ class RandomCheckpoint(Checkpoint):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
+    def generator(self, name: str) -> torch.Generator:
+        """The generator a tensor is drawn from (bench/make_checkpoint.py draws the same values in row chunks)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+
+    @staticmethod
+    def std(name: str) -> float:
+        return 0.1 if name.endswith("norm.weight") else 0.02  # norms are zero-centred: 1 + w near 1
+
     def tensor(self, name: str) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        std = 0.1 if name.endswith("norm.weight") else 0.02  # norms are zero-centred: 1 + w near 1
-        return torch.randn(self._shapes[name], generator=generator).mul_(std)  # in place: one copy in memory
+        values = torch.randn(self._shapes[name], generator=self.generator(name))
+        return values.mul_(self.std(name))  # in place: one copy in memory
