@@ -45,9 +45,10 @@ def quantize(weight: np.ndarray, scheme: Scheme, importance: np.ndarray | None =
         raise ValueError(f"importance has shape {importance.shape}, expected ({k},)")
     if gram is not None and gram.shape != (k, k):
         raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
-    if scheme.storage == "float8e4m3fn":
-        values, scales = rows_fp8(np.asarray(weight, dtype=np.float32), scale_dtype)
-        return Quantized(values, scales, None)
+    if scheme.storage == "float8e4m3fn":  # per row: chunks are exact
+        parts = [rows_fp8(np.asarray(weight[start:start + ROWS_PER_CHUNK], dtype=np.float32), scale_dtype)
+                 for start in range(0, n, ROWS_PER_CHUNK)]
+        return Quantized(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), None)
     bits, block = scheme.bits, scheme.block
     if bits == 8 and not scheme.symmetric:
         raise ValueError("8-bit weights are symmetric only")

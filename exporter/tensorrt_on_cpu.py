@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -111,15 +110,12 @@ def cpu_session(folder: str | os.PathLike, graph: str = "decoder", threads: int 
     model = cpu_model(folder, manifest[graph]["file"])
     proto = ir.to_proto(model)
     proto.ir_version = 10
-    with tempfile.TemporaryDirectory(prefix="gemma3-cpu-") as scratch:  # the data file is linked, not copied
-        for data in folder.glob("*.data"):
-            os.symlink(data.resolve(), Path(scratch) / data.name)
-        path = Path(scratch) / "model.onnx"
-        onnx.save(proto, path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    # the graph goes in as bytes; its external data stays where the export wrote it
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(folder.resolve()))
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 class CpuSteps:

@@ -124,7 +124,8 @@ class WeightPlan:
                 else:  # fused projections: their rows stacked in order
                     tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
                 for entry in entries:
-                    data = np.ascontiguousarray(entry.make(tensor), dtype=entry.dtype)
+                    data = np.asarray(entry.make(tensor), dtype=entry.dtype)
+                    data = np.ascontiguousarray(data) if data.ndim else data  # scalars stay 0-d
                     expected = (entry.nbytes,) if entry.onnx_type is not None else entry.shape
                     if data.shape != expected:
                         raise AssertionError(f"{entry.name}: made {data.shape}, planned {expected}")
