@@ -37,9 +37,15 @@ from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
 @click.option("--max-context", type=click.IntRange(min=1), help="Longest context to serve (default: the model's).")
 @click.option("--eval-graph/--no-eval-graph", default=True, show_default=True,
               help="Also write decoder_all_logits.onnx (all-position logits, for perplexity); shares the weights.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
+              help="tensorrt: most sequences one engine step serves (the caches' batch axis).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the weight bytes, KV-cache bytes at 8K/32K/128K (hybrid and all-global) and totals for "
+                   "this size, precision and target; write nothing.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-def main(size, precision_name, checkpoint, random_weights, target, out, max_context, eval_graph, force, verbose):
+def main(size, precision_name, checkpoint, random_weights, target, out, max_context, eval_graph, max_batch, dry_run,
+         force, verbose):
     """Export Gemma 3 to ONNX: decoder step graph over a hybrid KV cache, weights, tokenizer and manifest.
 
     \b
@@ -47,11 +53,22 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
       gemma3-export --size 270m --precision int4            # the embedded real 270M
       gemma3-export --size 4b --checkpoint ~/gemma-3-4b-it --precision int4 --out out/4b
       gemma3-export --size 1b --random-weights --precision fp32
+      gemma3-export --size 12b --precision fp8 --checkpoint ~/gemma-3-12b-it      # TensorRT graphs (fp8, sm_89+)
+      gemma3-export --size 27b --precision int4 --target tensorrt --dry-run       # bytes only, nothing written
     """
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         target = target or DEFAULT_TARGET.get(precision_name, "ort")
         chosen = recipe(precision_name, target)
+        if dry_run:
+            from gemma3.graphs.config import preset as size_preset
+
+            from .plan import export_plan, format_plan
+
+            config = open_checkpoint(checkpoint, size=size).config if checkpoint else size_preset(size)
+            context = min(max_context or config.max_position_embeddings, config.max_position_embeddings)
+            click.echo(format_plan(export_plan(config, chosen, context, max_batch)))
+            return
         if random_weights and checkpoint:
             raise click.UsageError("--random-weights and --checkpoint exclude each other")
         if random_weights:
@@ -65,7 +82,8 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
                                    "only 270m is embedded), or --random-weights for true shapes with random weights")
         suffix = "" if target == "ort" else f"-{target}"
         out = out or Path("out") / f"gemma3-{size}-{precision_name}{suffix}"
-        folder = export(source, out, chosen, max_context=max_context, eval_graph=eval_graph, force=force)
+        folder = export(source, out, chosen, max_context=max_context, eval_graph=eval_graph, force=force,
+                        max_batch=max_batch)
     except (CheckpointError, FileExistsError, ValueError) as e:
         click.echo(f"gemma3-export: error: {e}", err=True)
         sys.exit(2)

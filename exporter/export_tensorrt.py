@@ -20,6 +20,7 @@ import torch
 from gemma3.graphs.config import Gemma3Config
 from gemma3.plugins import attention_schema as schema
 
+from .plan import kv_cache_bytes
 from .recipes import Recipe
 from .trace import trace_decoder
 
@@ -77,13 +78,3 @@ def engine_section(config: Gemma3Config, recipe: Recipe, max_context: int, max_b
                      "decode": {"batch": [1, max_batch], "new_tokens": [1, 1]}},
         "kv_cache_bytes_at_max": kv_cache_bytes(config, max_context, max_batch, recipe.compute_dtype),
     }
-
-
-def kv_cache_bytes(config: Gemma3Config, context: int, batch: int = 1, dtype: str = "bfloat16",
-                   hybrid: bool = True) -> int:
-    """Bytes of the keys and values for `context` tokens: local layers hold min(context, W) rows when `hybrid`."""
-    per_row = 2 * config.num_kv_heads * config.head_dim * {"float32": 4, "bfloat16": 2, "float16": 2,
-                                                             "float8e4m3fn": 1}[dtype]
-    rows = sum(min(context, config.window(i)) if (hybrid and config.window(i)) else context
-               for i in range(config.num_layers))
-    return batch * rows * per_row

@@ -213,6 +213,11 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     version = r.get(data, "format_version", "", int)
     if version != FORMAT_VERSION:
         raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
+    target = r.get(data, "target", "", str)
+    if target != "ort":
+        raise r.fail(f"target {target!r}: this folder holds graphs for TensorRT engines, which this runtime "
+                     "cannot run on ONNX Runtime; export with --target ort (gemma3.exporter.tensorrt_on_cpu "
+                     "evaluates tensorrt graphs on the CPU)")
     model = _model(r, r.get(data, "model", "", dict))
     max_context = r.get(data, "max_context", "", int)
     if max_context < 2:
@@ -233,7 +238,7 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         format_version=version,
         model=model,
         precision=r.get(data, "precision", "", str),
-        target=r.get(data, "target", "", str),
+        target=target,
         max_context=max_context,
         decoder=_decoder(r, root, r.get(data, "decoder", "", dict), "decoder", model.num_layers),
         eval_decoder=None if eval_dict is None else _decoder(r, root, eval_dict, "eval_decoder", model.num_layers),
