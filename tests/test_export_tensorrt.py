@@ -302,3 +302,27 @@ def test_cli_precision_target_pairs(tmp_path):
     result = CliRunner().invoke(main, ["--size", "270m", "--precision", "int8-head4", "--target", "tensorrt"])
     assert result.exit_code == 2 and "--target ort" in result.output
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+@torch.no_grad()
+def test_bf16_vision_graph(tmp_path):
+    """vision.onnx for TensorRT: plain SigLIP + projector in bf16 (standard ONNX, no ONNX Runtime fusions), its
+    features within bf16 rounding of our fp32 tower (2% of the feature scale on random weights)."""
+    from gemma3.exporter.tensorrt_on_cpu import cpu_session
+    from gemma3.exporter.vision_graph import export_vision
+
+    hf = random_hf_model(tiny_multimodal(), seed=3)
+    folder = save_hf(hf, tmp_path / "hf")
+    out = tmp_path / "out"
+    out.mkdir()
+    section = export_vision(open_checkpoint(folder), out, _trt("bf16"))
+    (out / "manifest.json").write_text(json.dumps({"target": "tensorrt", "vision": section}))
+    model = onnx.load(out / "vision.onnx", load_external_data=False)
+    assert {n.domain for n in model.graph.node} == {""} and section["weights"] == "bfloat16"
+    ours = load_checkpoint(folder)
+    pixels = torch.rand(2, 3, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference = ours.image_features(pixels).numpy()
+    got = cpu_session(out, "vision").run(None, {"pixel_values": pixels.numpy()})[0]
+    scale = float(np.abs(reference).max())
+    print(f"bf16 vision graph vs fp32 tower: {np.abs(got - reference).max():.3e} (scale {scale:.2f})")
+    assert got.shape == reference.shape and np.abs(got - reference).max() < 0.02 * scale
