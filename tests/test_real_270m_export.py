@@ -49,3 +49,40 @@ def test_greedy_32_tokens_identical(ort_270m_fp32, hf_270m_model, hf_270m_tokeni
         logits = steps(np.array([[token]]))
     print("270m ORT greedy:", repr(hf_270m_tokenizer.decode(produced)))
     assert produced == expected
+
+
+@pytest.fixture(scope="module")
+def trt_270m_fp32(gguf_270m_path, tmp_path_factory):
+    """The real 270M as tensorrt-target graphs in fp32 compute (the exactness reference of that target)."""
+    from gemma3.exporter.export import export
+    from gemma3.exporter.recipes import recipe
+    from gemma3.graphs import open_checkpoint
+
+    return export(open_checkpoint(gguf_270m_path, size="270m"), tmp_path_factory.mktemp("trt270m") / "fp32",
+                  recipe("fp32", "tensorrt"), max_context=1024, eval_graph=False)
+
+
+@torch.no_grad()
+def test_tensorrt_graph_beyond_the_window_and_greedy(trt_270m_fp32, hf_270m_model, hf_270m_tokenizer):
+    """The tensorrt graph itself (HybridAttention nodes lowered to the reference op, run on the CPU): 700 tokens in
+    3 chunks past the 512 window and 40 decode steps, then 24 greedy tokens, against transformers."""
+    from gemma3.exporter.tensorrt_on_cpu import CpuSteps
+
+    text = pydoc_data.topics.topics["assert"] + pydoc_data.topics.topics["assignment"]
+    ids = _ids(hf_270m_tokenizer, text)[:, :700]
+    reference = hf_270m_model(ids).logits[0].numpy()
+    steps, pos, worst = CpuSteps(trt_270m_fp32), 0, 0.0
+    for n in [256, 256, 148] + [1] * 40:
+        logits = steps(ids[:, pos:pos + n].numpy())
+        worst = max(worst, float(np.abs(logits[0, -1] - reference[pos + n - 1]).max()))
+        pos += n
+    print(f"270m tensorrt fp32 graph vs transformers over 700 tokens: max abs diff {worst:.2e}")
+    assert worst < 1e-3
+    prompt = _ids(hf_270m_tokenizer, "Once upon a time, in a small village by the sea,")
+    expected = hf_270m_model.generate(prompt, max_new_tokens=24, do_sample=False, top_k=None, top_p=None)
+    steps, produced = CpuSteps(trt_270m_fp32), []
+    logits = steps(prompt.numpy())
+    while len(produced) < 24:
+        produced.append(int(logits[0, -1].argmax()))
+        logits = steps(np.array([[produced[-1]]]))
+    assert produced == expected[0, prompt.shape[1]:].tolist()
