@@ -61,3 +61,32 @@ def rows_4bit_feedback(padded: np.ndarray, block_size: int, factor: np.ndarray, 
             errors[:, j - start] = error[:, 0]
         w[:, end:] -= errors @ factor[start:end, end:]
     return pack_4bit(codes, scales, zeros)
+
+
+def rows_fp8_feedback(rows: np.ndarray, factor: np.ndarray, scale_dtype: str | None = None,
+                      block_size: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """fp8 E4M3 rows [n, K] with error feedback: the per-row scale is fixed first (absmax / 448, as stored), then
+    columns are rounded one after another, each error carried onto the columns not yet rounded (lazily per block
+    of columns, as `rows_4bit_feedback`). Measured on the real 270M (weights only, PyTorch): perplexity 13.86
+    rounding to nearest -> 13.57 with feedback (fp32 13.41). Returns the fp8 values (ml_dtypes) and scales [n]."""
+    import ml_dtypes
+
+    from .quantize import FP8_MAX, round_scales
+
+    w = np.array(rows, dtype=np.float32)  # a copy: errors are fed into it
+    n, k = w.shape
+    scales = round_scales((np.abs(w).max(axis=1) / np.float32(FP8_MAX)).astype(np.float32), scale_dtype)
+    safe = np.where(scales == 0, 1, scales)[:, None]
+    codes = np.empty((n, k), dtype=ml_dtypes.float8_e4m3fn)
+    for start in range(0, k, block_size):
+        end = min(start + block_size, k)
+        errors = np.empty((n, end - start), dtype=np.float32)
+        for j in range(start, end):
+            column = w[:, j:j + 1]
+            code = np.clip(column / safe, -FP8_MAX, FP8_MAX).astype(ml_dtypes.float8_e4m3fn)
+            codes[:, j:j + 1] = code
+            error = (column - code.astype(np.float32) * safe) / factor[j, j]
+            w[:, j + 1:end] -= error * factor[j, j + 1:end]
+            errors[:, j - start] = error[:, 0]
+        w[:, end:] -= errors @ factor[start:end, end:]
+    return codes, scales

@@ -55,12 +55,12 @@ _GRAM_INPUTS = {"attn.q_proj": "hidden", "attn.o_proj": "attention", "mlp.gate_p
 
 
 def _feedback(scheme) -> bool:
-    return scheme.damp is not None and scheme.bits == 4
+    return scheme.damp is not None and scheme.quantized
 
 
 def _error_feedback_weights(config: Gemma3Config, recipe: Recipe) -> tuple[set[str], str]:
-    """The weights quantized with error feedback (4-bit with a damping in their scheme, keyed by a fused group's
-    first source), and a note. Each needs its input's K x K Gram during calibration: the projections' only while
+    """The weights quantized with error feedback (4-bit or fp8 with a damping in their scheme, keyed by a fused
+    group's first source), and a note. Each needs its input's K x K Gram during calibration: the projections' only while
     they fit GRAM_BUDGET (the 270M's take 0.4 GiB; a 12B's down_proj alone 0.9 GiB per layer), the table's always."""
     chosen = {EMBED} if _feedback(recipe.scheme(EMBED, config.hidden_size)) else set()
     width = {"hidden": config.hidden_size, "attention": config.num_heads * config.head_dim,
@@ -73,7 +73,7 @@ def _error_feedback_weights(config: Gemma3Config, recipe: Recipe) -> tuple[set[s
                 projections[name] = 4 * width[kind] ** 2
     total = sum(projections.values())
     if total <= GRAM_BUDGET:
-        return chosen | set(projections), "error feedback on every 4-bit weight"
+        return chosen | set(projections), "error feedback on every weight whose scheme asks for it"
     where = "on the tied table only" if chosen else "nowhere"
     return chosen, (f"error feedback {where}: the projections' Gram matrices would take {total / 2**30:.1f} GiB "
                     f"(budget {GRAM_BUDGET / 2**30:.0f} GiB), so they get the range search alone")

@@ -46,7 +46,16 @@ def quantize(weight: np.ndarray, scheme: Scheme, importance: np.ndarray | None =
     if gram is not None and gram.shape != (k, k):
         raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
     if scheme.storage == "float8e4m3fn":  # per row: chunks are exact
-        parts = [rows_fp8(np.asarray(weight[start:start + ROWS_PER_CHUNK], dtype=np.float32), scale_dtype)
+        factor = None
+        if gram is not None and scheme.damp is not None:
+            factor = error_feedback.inverse_factor(gram, k, scheme.damp)
+
+        def rows(chunk: np.ndarray):
+            if factor is None:
+                return rows_fp8(chunk, scale_dtype)
+            return error_feedback.rows_fp8_feedback(chunk, factor, scale_dtype)
+
+        parts = [rows(np.asarray(weight[start:start + ROWS_PER_CHUNK], dtype=np.float32))
                  for start in range(0, n, ROWS_PER_CHUNK)]
         return Quantized(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), None)
     bits, block = scheme.bits, scheme.block
