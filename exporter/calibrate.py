@@ -23,13 +23,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from gemma3.graphs.config import Gemma3Config
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 from gemma3.graphs.model import Gemma3
 from gemma3.graphs.rope import RotaryTables
 
+from .progress import Progress
 from .recipes import EMBED
 
 CALIBRATION_MODULES = (
@@ -94,7 +94,8 @@ def input_statistics(
         tables = {kind: text.rope(positions, kind, torch.float32) for kind in text.rope.layer_types}
         groups = torch.full_like(input_ids, -1)
         past = torch.zeros((), dtype=torch.int64)
-        for i, layer in enumerate(tqdm(text.layers, desc="calibrating", unit="layer", leave=False, disable=None)):
+        progress = Progress("calibrating", len(text.layers), unit="layers")
+        for i, layer in enumerate(text.layers):
             prefix = f"text.layers.{i}."
             _load(layer, checkpoint, prefix)
             handles = [module.register_forward_pre_hook(record(f"{prefix}{name}.weight"))
@@ -105,6 +106,8 @@ def input_statistics(
             for handle in handles:
                 handle.remove()
             layer.to("meta")
+            progress.update(1)
+        progress.close()
         _load(text.final_norm, checkpoint, FINAL_NORM + ".")
         head_input = text.final_norm(x)[0].double()
         importance[EMBED] = head_input.square().mean(0).float().numpy()

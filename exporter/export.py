@@ -28,6 +28,7 @@ from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
 from .export_tensorrt import engine_section, io_tensorrt, save_tensorrt, trace_tensorrt
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
+from .progress import stage
 from .recipes import EMBED, Recipe
 from .trace import constants, trace_decoder
 from .vision_graph import export_vision
@@ -191,9 +192,11 @@ def export(
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        log.info("tracing the decoder step (%s, %d layers)", config.name, config.num_layers)
+        log.info("exporting %s (%s) for --target %s --precision %s into %s", config.name, checkpoint.source,
+                 target, precision.name, out)
         tokenizer = _write_tokenizer(checkpoint, work)
-        model, plan = _decoder_graph(config, precision, all_logits=False)
+        with stage(f"tracing the decoder step ({config.num_layers} layers)"):
+            model, plan = _decoder_graph(config, precision, all_logits=False)
         calibration = None
         random = isinstance(checkpoint, RandomCheckpoint)
         needs_scales = any(s.activations for s in precision.schemes())
@@ -203,9 +206,9 @@ def export(
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
             count = min(calibration_tokens, RANDOM_CALIBRATION_TOKENS) if random else calibration_tokens
             ids = calibration_ids(encode, config.bos_token_id, count)
-            log.info("calibrating on %d tokens", len(ids))
             feedback, note = _error_feedback_weights(config, precision) if not random else (set(), "none")
-            statistics = input_statistics(checkpoint, ids, gram_for=feedback.__contains__)
+            with stage(f"calibrating on {len(ids)} tokens"):
+                statistics = input_statistics(checkpoint, ids, gram_for=feedback.__contains__)
             if not random:  # a random model's activation statistics would only mislead the range search
                 plan.importance, plan.gram = statistics.importance, statistics.gram
             plan.absmax = statistics.absmax
@@ -216,8 +219,9 @@ def export(
                                        "model's activations on the calibration text (meaningless for a real model, "
                                        "but measured, not guessed); no importance or error feedback")
         size = plan.layout(model.graph, work)
-        plan.write(checkpoint, work / DATA_FILE, size)
-        _save_graph(model, work / "decoder.onnx", target)
+        plan.write(checkpoint, work / DATA_FILE, size, what=f"writing {DATA_FILE}")
+        with stage("saving decoder.onnx"):
+            _save_graph(model, work / "decoder.onnx", target)
 
         def io(file: str, logits: str, images: bool = False) -> dict:
             if target == "ort":
@@ -230,13 +234,14 @@ def export(
         if config.vision is not None and target == "ort":  # steps holding image soft tokens (bidirectional groups)
             variants["image_decoder"] = ("decoder_images.onnx", "last", True)
         for key, (file, logits, images) in variants.items():
-            variant, variant_plan = _decoder_graph(config, precision, all_logits=logits == "all", images=images)
-            if variant_plan.layout(variant.graph, work) != size:
-                raise AssertionError(f"{file} planned different weights")
-            _save_graph(variant, work / file, target)
+            with stage(f"tracing and saving {file} (same weights)"):
+                variant, variant_plan = _decoder_graph(config, precision, all_logits=logits == "all",
+                                                       images=images)
+                if variant_plan.layout(variant.graph, work) != size:
+                    raise AssertionError(f"{file} planned different weights")
+                _save_graph(variant, work / file, target)
             manifest[key] = io(file, logits, images)
         if config.vision is not None:
-            log.info("exporting the vision graph")
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",
                                   "image_features": "image_features", "image_size": config.vision.image_size,
                                   "tokens_per_image": config.vision.mm_tokens_per_image,

@@ -146,7 +146,7 @@ def export_vision(checkpoint: Checkpoint, folder: Path, precision: Recipe, *,
     plan = WeightPlan(DATA_FILE)
     plan_weights(model, chosen, plan, {})
     size = plan.layout(model.graph, folder)
-    plan.write(checkpoint, folder / DATA_FILE, size)
+    plan.write(checkpoint, folder / DATA_FILE, size, what="writing vision weights")
     if chosen.target == "ort":
         fusions = _optimize(model, v.num_layers)
     else:  # standard ONNX for TensorRT: constant folding only

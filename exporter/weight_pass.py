@@ -90,7 +90,7 @@ def _embedding_ort(graph: ir.Graph, plan: WeightPlan, gathers: list[ir.Node], lm
                    scheme: Scheme, recipe: Recipe) -> None:
     vocab, hidden = shape
     if not scheme.quantized:
-        table = plan.add(graph, Stored(EMBED, EMBED, np.float32, shape, lambda w: w))
+        table = plan.add(graph, Stored(EMBED, EMBED, np.float32, shape, lambda w: w, rowwise=True))
         for gather in gathers:
             gather.replace_input_with(0, table)
         for matmul in lm_heads:  # (B, S, H) -> (B*S, H) @ E^T -> (B, S, V)

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
-from tqdm import tqdm
 
 from gemma3.graphs.loaders.checkpoint import Checkpoint
 
+from .progress import Progress
 from .quantize import FP8_MAX
 from .quantizers import Quantized, quantize
 from .recipes import Scheme
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
+WRITE_WORKERS = 2  # threads quantizing and writing tensors (the machines this must run on have 2 cores)
+ROW_CHUNK_BYTES = 256 << 20  # fp32 rows converted at a time for row-wise entries (the float table)
 
 
 @dataclass
@@ -37,6 +40,7 @@ class Stored:
     offset: int = -1
     alias_of: str | None = None  # same bytes as another entry, seen under another shape
     onnx_type: ir.DataType | None = None  # when the bytes are packed: INT4 (two per byte, `dtype` uint8)
+    rowwise: bool = False  # make(w[a:b]) == make(w)[a:b]: written a chunk of rows at a time
 
     @property
     def ir_type(self) -> ir.DataType:
@@ -81,9 +85,8 @@ class WeightPlan:
         if key not in self._quantized:
             first = source if isinstance(source, str) else source[0]  # fused projections share their input
             gram = self.gram.get(first) if scheme.damp is not None else None
-            result = quantize(tensor, scheme, self.importance.get(first), gram, scale_dtype)
-            self._quantized = {key: result}  # only this one
-        return self._quantized[key]
+            self._quantized[key] = quantize(tensor, scheme, self.importance.get(first), gram, scale_dtype)
+        return self._quantized[key]  # dropped when the source is written (`_write_source`)
 
     def input_scale(self, first: str) -> float:
         """fp8 activations: the per-tensor scale of a matmul's input, absmax / 448 over the calibration text."""
@@ -110,29 +113,79 @@ class WeightPlan:
             )
         return offset
 
-    def write(self, checkpoint: Checkpoint, path: Path, size: int) -> None:
-        """Stream every planned tensor into `path`, one checkpoint tensor in memory at a time."""
+    def write(self, checkpoint: Checkpoint, path: Path, size: int, what: str = "writing weights",
+              workers: int = WRITE_WORKERS) -> None:
+        """Stream every planned tensor into `path`: the largest checkpoint tensor alone first, then the rest on
+        `workers` threads (numpy and torch release the GIL in their loops, so both cores quantize). At most
+        `workers` source tensors (fp32) are in memory at a time, and row-wise entries (the float tied table, the
+        largest tensor of every size) are converted a chunk of rows at a time from the tensor as stored."""
         by_source: dict[str | tuple[str, ...], list[Stored]] = {}
         for entry in self.entries.values():
             if entry.alias_of is None:
                 by_source.setdefault(entry.source, []).append(entry)
+        shapes = {source: _source_shape(checkpoint, source) for source in by_source}
+        order = sorted(by_source, key=lambda s: -int(np.prod(shapes[s], dtype=np.int64)))
+        progress = Progress(what, sum(e.nbytes for entries in by_source.values() for e in entries))
         with open(path, "wb") as f:
             f.truncate(size)
-            for source, entries in tqdm(by_source.items(), desc="writing weights", unit="tensor", disable=None):
-                if isinstance(source, str):
-                    tensor = checkpoint.tensor(source).float().numpy()
-                else:  # fused projections: their rows stacked in order
-                    tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
-                for entry in entries:
-                    data = np.asarray(entry.make(tensor), dtype=entry.dtype)
-                    data = np.ascontiguousarray(data) if data.ndim else data  # scalars stay 0-d
-                    expected = (entry.nbytes,) if entry.onnx_type is not None else entry.shape
-                    if data.shape != expected:
-                        raise AssertionError(f"{entry.name}: made {data.shape}, planned {expected}")
-                    f.seek(entry.offset)
-                    f.write(data.tobytes())
-                del tensor
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            def one(source):
+                self._write_source(checkpoint, fd, source, by_source[source], progress)
+
+            if order:
+                one(order[0])
+            with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+                for future in [pool.submit(one, source) for source in order[1:]]:
+                    future.result()  # re-raises the first failure
+        finally:
+            os.close(fd)
+        progress.close()
         self._quantized.clear()
+
+    def _write_source(self, checkpoint: Checkpoint, fd: int, source, entries: list[Stored],
+                      progress: Progress) -> None:
+        if isinstance(source, str) and all(e.rowwise for e in entries):
+            tensor = checkpoint.tensor(source)  # as stored (e.g. bf16): one fp32 chunk of rows at a time
+            rows = tensor.shape[0]
+            step = max(1, ROW_CHUNK_BYTES // max(1, 4 * int(np.prod(tensor.shape[1:], dtype=np.int64))))
+            for start in range(0, rows, step):
+                chunk = tensor[start:start + step].float().numpy()
+                for entry in entries:
+                    data = _made(entry, chunk, (len(chunk), *entry.shape[1:]))
+                    os.pwrite(fd, _bytes(data), entry.offset + start * (entry.nbytes // entry.shape[0]))
+                    progress.update(data.nbytes)
+            return
+        if isinstance(source, str):
+            tensor = checkpoint.tensor(source).float().numpy()
+        else:  # fused projections: their rows stacked in order
+            tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
+        for entry in entries:
+            data = _made(entry, tensor, (entry.nbytes,) if entry.onnx_type is not None else entry.shape)
+            os.pwrite(fd, _bytes(data), entry.offset)
+            progress.update(entry.nbytes)
+        for key in [k for k in self._quantized if k[0] == source]:
+            self._quantized.pop(key, None)
+
+
+def _made(entry: Stored, tensor: np.ndarray, expected: tuple[int, ...]) -> np.ndarray:
+    data = np.asarray(entry.make(tensor), dtype=entry.dtype)
+    data = np.ascontiguousarray(data) if data.ndim else data  # scalars stay 0-d
+    if data.shape != tuple(expected):
+        raise AssertionError(f"{entry.name}: made {data.shape}, planned {tuple(expected)}")
+    return data
+
+
+def _bytes(data: np.ndarray) -> memoryview:
+    """The array's bytes without a copy (tobytes() would double the largest tensor's memory)."""
+    return memoryview(data.reshape(-1).view(np.uint8))
+
+
+def _source_shape(checkpoint: Checkpoint, source) -> tuple[int, ...]:
+    if isinstance(source, str):
+        return tuple(checkpoint.shape(source))
+    shapes = [tuple(checkpoint.shape(part)) for part in source]
+    return (sum(s[0] for s in shapes), *shapes[0][1:])
 
 
 def _ir_dtype(dtype: np.dtype) -> ir.DataType:

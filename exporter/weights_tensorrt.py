@@ -53,7 +53,9 @@ def _weight(graph: ir.Graph, plan: WeightPlan, anchor: ir.Node, name: str, sourc
     shape = (k, n) if transposed else (n, k)
     if not scheme.quantized:
         dtype = numpy_dtype(scheme.storage)
-        return plan.add(graph, Stored(name, sources, dtype, shape, (lambda w: w.T) if transposed else (lambda w: w)))
+        if transposed:
+            return plan.add(graph, Stored(name, sources, dtype, shape, lambda w: w.T))
+        return plan.add(graph, Stored(name, sources, dtype, shape, lambda w: w, rowwise=True))
     scale_dtype = recipe.compute_dtype
 
     def part(index: int, layout=lambda a: a):
