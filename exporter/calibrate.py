@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,8 @@ class InputStatistics:
     importance: dict[str, np.ndarray]  # weight name -> mean over tokens of input^2 per input channel [K]
     gram: dict[str, np.ndarray]  # weight name -> mean over tokens of x x^T [K, K] (the weights `gram_for` names)
     absmax: dict[str, float]  # weight name -> largest |input| over every token and channel (fp8 activation scales)
+    # per layer: bounds on |key| after QK-norm and RoPE, and |value| (fp8 KV-cache scales)
+    kv_absmax: list[tuple[float, float]] = field(default_factory=list)
 
 
 def input_statistics(
@@ -74,6 +76,7 @@ def input_statistics(
     importance: dict[str, np.ndarray] = {}
     gram: dict[str, np.ndarray] = {}
     absmax: dict[str, float] = {}
+    kv_absmax: list[tuple[float, float]] = []
 
     def record(name: str):
         def hook(_module, inputs):
@@ -100,11 +103,21 @@ def input_statistics(
             _load(layer, checkpoint, prefix)
             handles = [module.register_forward_pre_hook(record(f"{prefix}{name}.weight"))
                        for name, module in layer.named_modules() if isinstance(module, nn.Linear)]
+            kv: dict[str, float] = {}
+
+            def keys(_module, _inputs, out, kv=kv):
+                kv["k"] = _rotated_bound(out)
+
+            def values(_module, _inputs, out, kv=kv):
+                kv["v"] = float(out.abs().max())
+
+            handles += [layer.attn.k_norm.register_forward_hook(keys), layer.attn.v_proj.register_forward_hook(values)]
             rows = config.window(i) or len(ids)
             cache = tuple(torch.zeros(1, config.num_kv_heads, rows, config.head_dim) for _ in range(2))
             x, _ = layer(x, tables[layer.attn.kind], past, groups, cache)
             for handle in handles:
                 handle.remove()
+            kv_absmax.append((kv["k"], kv["v"]))
             layer.to("meta")
             progress.update(1)
         progress.close()
@@ -114,4 +127,11 @@ def input_statistics(
         absmax[EMBED] = float(head_input.abs().max())
         if gram_for(EMBED):
             gram[EMBED] = (head_input.T @ head_input / len(ids)).float().numpy()
-    return InputStatistics(importance, gram, absmax)
+    return InputStatistics(importance, gram, absmax, kv_absmax)
+
+
+def _rotated_bound(keys: torch.Tensor) -> float:
+    """keys (B, S, KVH, D) after QK-norm, before RoPE -> a bound on |element| after RoPE at any position: RoPE
+    rotates the pairs (i, i + D/2) (rotate_half), so no element exceeds its pair's norm."""
+    half = keys.shape[-1] // 2
+    return float(torch.sqrt(keys[..., :half].float().square() + keys[..., half:].float().square()).max())

@@ -37,6 +37,9 @@ from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
 @click.option("--max-context", type=click.IntRange(min=1), help="Longest context to serve (default: the model's).")
 @click.option("--eval-graph/--no-eval-graph", default=True, show_default=True,
               help="Also write decoder_all_logits.onnx (all-position logits, for perplexity); shares the weights.")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["compute", "fp8"]), default="compute", show_default=True,
+              help="tensorrt: KV-cache storage. compute: the compute dtype (bf16); fp8: E4M3 with calibrated "
+                   "per-layer scales in the attention plugin (half the bytes; sm_89+).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=1, show_default=True,
               help="tensorrt: most sequences one engine step serves (the caches' batch axis).")
 @click.option("--dry-run", is_flag=True,
@@ -44,8 +47,8 @@ from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
                    "this size, precision and target; write nothing.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("-v", "--verbose", is_flag=True, help="Log details (stages and progress are always shown on stderr).")
-def main(size, precision_name, checkpoint, random_weights, target, out, max_context, eval_graph, max_batch, dry_run,
-         force, verbose):
+def main(size, precision_name, checkpoint, random_weights, target, out, max_context, eval_graph, kv_cache, max_batch,
+         dry_run, force, verbose):
     """Export Gemma 3 to ONNX: decoder step graph over a hybrid KV cache, weights, tokenizer and manifest.
 
     \b
@@ -62,7 +65,7 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
     logging.getLogger("gemma3").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
         target = target or DEFAULT_TARGET.get(precision_name, "ort")
-        chosen = recipe(precision_name, target)
+        chosen = recipe(precision_name, target).with_kv_cache(kv_cache)
         if dry_run:
             from gemma3.graphs.config import preset as size_preset
 
@@ -84,6 +87,7 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
             raise click.UsageError(f"--size {size} needs --checkpoint DIR_OR_GGUF (an HF folder or a .gguf file; "
                                    "only 270m is embedded), or --random-weights for true shapes with random weights")
         suffix = "" if target == "ort" else f"-{target}"
+        suffix += "-fp8kv" if kv_cache == "fp8" else ""
         out = out or Path("out") / f"gemma3-{size}-{precision_name}{suffix}"
         folder = export(source, out, chosen, max_context=max_context, eval_graph=eval_graph, force=force,
                         max_batch=max_batch)

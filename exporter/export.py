@@ -25,10 +25,11 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
-from .export_tensorrt import engine_section, io_tensorrt, save_tensorrt, trace_tensorrt
+from .export_tensorrt import engine_section, io_tensorrt, save_tensorrt, set_kv_scales, trace_tensorrt
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
 from .progress import stage
+from .quantize import FP8_MAX
 from .recipes import EMBED, Recipe
 from .trace import constants, trace_decoder
 from .vision_graph import export_vision
@@ -199,8 +200,12 @@ def export(
             model, plan = _decoder_graph(config, precision, all_logits=False)
         calibration = None
         random = isinstance(checkpoint, RandomCheckpoint)
-        needs_scales = any(s.activations for s in precision.schemes())
-        if precision.calibrated and calibration_tokens > 0 and (not random or needs_scales):
+        fp8_cache = precision.kv_cache == "float8e4m3fn"
+        needs_scales = any(s.activations for s in precision.schemes()) or fp8_cache
+        kv_scales: list[tuple[float, float]] = []
+        if fp8_cache and calibration_tokens <= 0:
+            raise ValueError("--kv-cache fp8 needs calibration (its scales are measured)")
+        if (precision.calibrated or fp8_cache) and calibration_tokens > 0 and (not random or needs_scales):
             import sentencepiece
 
             encode = sentencepiece.SentencePieceProcessor(model_file=str(work / tokenizer)).encode
@@ -212,6 +217,9 @@ def export(
             if not random:  # a random model's activation statistics would only mislead the range search
                 plan.importance, plan.gram = statistics.importance, statistics.gram
             plan.absmax = statistics.absmax
+            if fp8_cache:  # per layer: absmax / 448, so the largest calibrated key / value is stored unclipped
+                kv_scales = [(max(k, 1e-12) / FP8_MAX, max(v, 1e-12) / FP8_MAX) for k, v in statistics.kv_absmax]
+                set_kv_scales(model, kv_scales)
             calibration = {"text": "docstrings of Python standard-library modules (exporter/calibrate.py)",
                            "tokens": len(ids), "error_feedback": note}
             if random:
@@ -226,7 +234,7 @@ def export(
         def io(file: str, logits: str, images: bool = False) -> dict:
             if target == "ort":
                 return _io(config, file, logits, images)
-            return io_tensorrt(config, file, logits, max_context, precision)
+            return io_tensorrt(config, file, logits, max_context, precision, kv_scales)
 
         manifest = {"decoder": io("decoder.onnx", "last")}
         # more graphs over the same weights file, planned identically:
@@ -239,6 +247,8 @@ def export(
                                                        images=images)
                 if variant_plan.layout(variant.graph, work) != size:
                     raise AssertionError(f"{file} planned different weights")
+                if kv_scales:
+                    set_kv_scales(variant, kv_scales)
                 _save_graph(variant, work / file, target)
             manifest[key] = io(file, logits, images)
         if config.vision is not None:

@@ -9,6 +9,8 @@
   the step holds no image); the plugin applies the bidirectional image groups itself, so no second graph (and no
   second engine holding the same weights) is needed.
 - Compute dtype bf16 by default: Gemma 3's activations overflow fp16 (transformers #36822).
+- `--kv-cache fp8`: caches typed float8 E4M3FN, each node carrying its layer's calibrated k_scale / v_scale
+  (the schema's fp8 option): half the cache bytes, which is what bounds decode at long contexts.
 """
 
 from __future__ import annotations
@@ -25,14 +27,26 @@ from .recipes import Recipe
 from .trace import trace_decoder
 
 ONNX_IR_VERSION = 10
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "float8e4m3fn": torch.float8_e4m3fn}
 TENSORRT_VERSION = ">=10.9 (AOT Python plugins, strongly typed networks; 11.x tested by nobody here: no TensorRT)"
 MIN_SM = {"fp8": 89}  # fp8 E4M3 GEMMs need Ada / Hopper; everything else runs from Ampere (sm_80) on
 
 
 def trace_tensorrt(config: Gemma3Config, recipe: Recipe, all_logits: bool) -> ir.Model:
     return trace_decoder(config, all_logits=all_logits, images=config.vision is not None,
-                         dtype=TORCH_DTYPES[recipe.compute_dtype], batched=True)
+                         dtype=TORCH_DTYPES[recipe.compute_dtype], batched=True,
+                         cache_dtype=TORCH_DTYPES[recipe.cache_dtype])
+
+
+def set_kv_scales(model: ir.Model, scales: list[tuple[float, float]]) -> None:
+    """fp8 KV caches: each layer's HybridAttention node gets its calibrated k_scale / v_scale (traced as 0)."""
+    nodes = [n for n in model.graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+    if len(nodes) != len(scales):
+        raise AssertionError(f"{len(nodes)} attention nodes for {len(scales)} layers of KV scales")
+    for node, (k_scale, v_scale) in zip(nodes, scales):
+        node.attributes["k_scale"] = ir.AttrFloat32("k_scale", k_scale)
+        node.attributes["v_scale"] = ir.AttrFloat32("v_scale", v_scale)
 
 
 def save_tensorrt(model: ir.Model, path) -> None:
@@ -46,7 +60,8 @@ def save_tensorrt(model: ir.Model, path) -> None:
     onnx.save(proto, path)
 
 
-def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, recipe: Recipe) -> dict:
+def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, recipe: Recipe,
+                kv_scales: list[tuple[float, float]] = ()) -> dict:
     layers = []
     for i, kind in enumerate(config.layer_types):
         window = config.window(i)
@@ -55,10 +70,11 @@ def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, 
             "layout": "ring: position j in row j % window" if window else "row = position",
             "past_key": f"past_key.{i}", "past_value": f"past_value.{i}",
             "present_key": f"present_key.{i}", "present_value": f"present_value.{i}",
+            **({"k_scale": kv_scales[i][0], "v_scale": kv_scales[i][1]} if kv_scales else {}),
         })
     io = {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
           "past_len_dtype": "int32", "past_len_shape": ["batch"], "logits_output": "logits",
-          "logits_dtype": "float32", "cache_dtype": recipe.compute_dtype,
+          "logits_dtype": "float32", "cache_dtype": recipe.cache_dtype,
           "cache_shape": ["batch", config.num_kv_heads, "capacity", config.head_dim], "layers": layers}
     if config.vision is not None:
         io["image_features"] = "image_features"  # [rows, hidden] in the compute dtype; 0 rows on text steps
@@ -69,12 +85,12 @@ def engine_section(config: Gemma3Config, recipe: Recipe, max_context: int, max_b
     """What `gemma3-build` (the engine builder) needs to know, and the GPU the engine needs."""
     return {
         "tensorrt": TENSORRT_VERSION,
-        "min_sm": MIN_SM.get(recipe.name, 80),
+        "min_sm": max(MIN_SM.get(recipe.name, 80), 89 if recipe.kv_cache == "float8e4m3fn" else 80),
         "strongly_typed": True,
         "plugin": {"name": schema.ONNX_OP_TYPE, "namespace": schema.ONNX_DOMAIN, "nodes": config.num_layers},
         "max_batch": max_batch,
         "max_context": max_context,
         "profiles": {"prefill": {"batch": [1, max_batch], "new_tokens": [1, max_context]},
                      "decode": {"batch": [1, max_batch], "new_tokens": [1, 1]}},
-        "kv_cache_bytes_at_max": kv_cache_bytes(config, max_context, max_batch, recipe.compute_dtype),
+        "kv_cache_bytes_at_max": kv_cache_bytes(config, max_context, max_batch, recipe.cache_dtype),
     }

@@ -11,11 +11,14 @@ step for step (contract and mask rule: plugins/attention_schema.py):
   - scores * scale, masked to -inf, softmax in float32 (other dtypes: cast there and back, scaling after the
     cast, one rounding fewer than the reference's scale in q's dtype; identical in fp32);
   - caches are functional outputs written by ScatterElements at row = position (global) or position % W
-    (local, only the last W new tokens: their rows are distinct, so no index repeats).
+    (local, only the last W new tokens: their rows are distinct, so no index repeats);
+  - fp8 caches (k_scale / v_scale > 0): read through DequantizeLinear; written as QuantizeLinear(saturate) of
+    the new rows, scattered as float32 values of fp8 numbers and cast back to fp8 (exact both ways).
 """
 
 from __future__ import annotations
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -91,10 +94,29 @@ def _write(b: _Builder, name: str, cache: ir.Value, new: ir.Value, rows: ir.Valu
     return b.op(f"{name}_out", "ScatterElements", cache, index, new, axis=2)
 
 
+def _read_cache(b: _Builder, name: str, cache: ir.Value, scale: float, like: ir.Value) -> ir.Value:
+    """The cached rows as values of `like`'s dtype: fp8 rows times their scale (DequantizeLinear), else as is."""
+    if scale <= 0:
+        return cache
+    values = b.op(f"{name}_dq", "DequantizeLinear", cache, b.const(f"{name}_dq_scale", scale, np.float32))
+    return b.op(f"{name}_read", "CastLike", values, like)
+
+
+def _fp8_rows(b: _Builder, name: str, cache: ir.Value, new: ir.Value, scale: float) -> tuple[ir.Value, ir.Value]:
+    """fp8 cache and new rows as float32 holding fp8 values (exact), for a float scatter: the new rows quantized as
+    QuantizeLinear(saturate) would store them."""
+    fp8_values = b.op(f"{name}_values", "Cast", cache, to=ir.DataType.FLOAT)
+    quantized = b.op(f"{name}_q", "QuantizeLinear", b.op(f"{name}_new_f32", "Cast", new, to=ir.DataType.FLOAT),
+                     b.const(f"{name}_q_scale", scale, np.float32),
+                     b.const(f"{name}_q_zero", 0.0, ml_dtypes.float8_e4m3fn), saturate=1)
+    return fp8_values, b.op(f"{name}_new_values", "Cast", quantized, to=ir.DataType.FLOAT)
+
+
 def _lower_node(b: _Builder, node: ir.Node) -> list[ir.Value]:
     attrs = {a.name: a.value for a in node.attributes.values()}
     heads, kv_heads, dim = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
     scale, window = attrs["scale"], attrs["window"]
+    k_scale, v_scale = attrs.get("k_scale", 0.0), attrs.get("v_scale", 0.0)
     q, k, v, k_cache, v_cache, past_len, groups = node.inputs
     if heads % kv_heads:
         raise ValueError(f"{node.name}: {heads} query heads do not group over {kv_heads} kv heads")
@@ -112,8 +134,8 @@ def _lower_node(b: _Builder, node: ir.Node) -> list[ir.Value]:
     queries = b.op("q_grouped", "Reshape", _heads_first(b, "q", q, heads, dim),
                    b.const("q_grouped_shape", [0, kv_heads, -1, dim]))  # [B, KVH, G * S, D], head h = kvh * G + g
     new_k, new_v = _heads_first(b, "k", k, kv_heads, dim), _heads_first(b, "v", v, kv_heads, dim)
-    keys = b.op("keys", "Concat", k_cache, new_k, axis=2)  # [B, KVH, K, D]
-    values = b.op("values", "Concat", v_cache, new_v, axis=2)
+    keys = b.op("keys", "Concat", _read_cache(b, "k_cache", k_cache, k_scale, new_k), new_k, axis=2)  # [B, KVH, K, D]
+    values = b.op("values", "Concat", _read_cache(b, "v_cache", v_cache, v_scale, new_v), new_v, axis=2)
 
     scores = b.op("scores_grouped", "MatMul", queries, b.op("keys_t", "Transpose", keys, perm=[0, 1, 3, 2]))
     scores = b.op("scores", "Reshape", scores, b.const("scores_shape", [0, heads, -1, 0]))  # [B, H, S, K]
@@ -138,7 +160,15 @@ def _lower_node(b: _Builder, node: ir.Node) -> list[ir.Value]:
         new_v = b.op("v_kept", "Slice", new_v, *last_w, b.const("keep_axis_v", [2]))
         kept_pos = b.op("kept_pos", "Slice", q_pos, *last_w, b.const("keep_axis_pos", [1]))
         rows = b.op("ring_rows", "Mod", kept_pos, b.const("ring_len", window))
-    return [out, _write(b, "k_cache", k_cache, new_k, rows), _write(b, "v_cache", v_cache, new_v, rows)]
+    caches = []
+    for name, cache, new, cache_scale in (("k_cache", k_cache, new_k, k_scale), ("v_cache", v_cache, new_v, v_scale)):
+        if cache_scale > 0:  # scatter fp8 values in float32, then back to fp8 (both casts exact)
+            cache, new = _fp8_rows(b, name, cache, new, cache_scale)
+            written = _write(b, name, cache, new, rows)
+            caches.append(b.op(f"{name}_fp8", "Cast", written, to=ir.DataType.FLOAT8E4M3FN))
+        else:
+            caches.append(_write(b, name, cache, new, rows))
+    return [out, *caches]
 
 
 def lower_to_reference(model: ir.Model) -> int:

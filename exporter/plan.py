@@ -50,7 +50,7 @@ def planned_weight_bytes(config: Gemma3Config, recipe: Recipe) -> dict[str, int]
 
 def export_plan(config: Gemma3Config, recipe: Recipe, max_context: int, max_batch: int = 1) -> dict:
     """Weights, KV cache at 8K / 32K / 128K (capped at the model's context), and totals, in bytes."""
-    cache_dtype = recipe.compute_dtype
+    cache_dtype = recipe.cache_dtype
     weights = planned_weight_bytes(config, recipe)
     kv = {}
     for context in CONTEXTS:

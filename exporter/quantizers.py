@@ -46,14 +46,19 @@ def quantize(weight: np.ndarray, scheme: Scheme, importance: np.ndarray | None =
     if gram is not None and gram.shape != (k, k):
         raise ValueError(f"gram has shape {gram.shape}, expected ({k}, {k})")
     if scheme.storage == "float8e4m3fn":  # per row: chunks are exact
-        factor = None
+        factor, order = None, None
         if gram is not None and scheme.damp is not None:
-            factor = error_feedback.inverse_factor(gram, k, scheme.damp)
+            # act-order (GPTQ's): the input channels with the most energy are rounded first, while the most
+            # columns are left to absorb their error; the per-row scale does not depend on the order. Real 270M,
+            # W8A8, PyTorch: perplexity 13.646 -> 13.608 (weights only 13.492 -> 13.473).
+            order = np.argsort(-np.diag(gram), kind="stable")
+            factor = error_feedback.inverse_factor(gram[np.ix_(order, order)], k, scheme.damp)
 
         def rows(chunk: np.ndarray):
             if factor is None:
                 return rows_fp8(chunk, scale_dtype)
-            return error_feedback.rows_fp8_feedback(chunk, factor, scale_dtype)
+            codes, scales = error_feedback.rows_fp8_feedback(chunk[:, order], factor, scale_dtype)
+            return codes[:, np.argsort(order)], scales
 
         parts = [rows(np.asarray(weight[start:start + ROWS_PER_CHUNK], dtype=np.float32))
                  for start in range(0, n, ROWS_PER_CHUNK)]

@@ -73,6 +73,22 @@ class Recipe:
     compute_dtype: str = "float32"  # activations (the TensorRT engine's type; ORT graphs are float32)
     accuracy_level: int = 4  # ORT MatMulNBits: int8 activations, the fast CPU path
     refused: str = ""  # why this precision does not exist on this target (one line)
+    kv_cache: str = ""  # "float8e4m3fn": fp8 KV caches (tensorrt, `--kv-cache fp8`); "": the compute dtype
+
+    @property
+    def cache_dtype(self) -> str:
+        return self.kv_cache or self.compute_dtype
+
+    def with_kv_cache(self, kind: str) -> Recipe:
+        """`--kv-cache compute|fp8`: fp8 caches exist only in the TensorRT plugin's contract."""
+        if kind == "compute":
+            return self
+        if kind != "fp8":
+            raise ValueError(f"--kv-cache {kind}: choose compute or fp8")
+        if self.target != "tensorrt":
+            raise ValueError("--kv-cache fp8 needs --target tensorrt: ONNX Runtime's GroupQueryAttention keeps its "
+                             "cache in the compute dtype")
+        return replace(self, kv_cache="float8e4m3fn")
 
     def scheme(self, name: str, k: int) -> Scheme:
         """The scheme of one weight, e.g. `text.layers.3.attn.q_proj+k_proj+v_proj.weight` with input width k."""

@@ -10,7 +10,8 @@ changes made in memory:
 fp8 QuantizeLinear / DequantizeLinear and blocked int4 DequantizeLinear run as they are (ONNX Runtime's CPU
 kernels); the int4 DequantizeLinear + MatMul fusion into MatMulNBits is switched off
 (`session.qdq_matmulnbits_accuracy_level` 0): its default int8 activations are not what TensorRT computes.
-Graph inputs and outputs in 16-bit types become float32 (the values fed are already representable).
+Graph inputs and outputs in 16-bit types (and fp8 KV caches) become float32 (the values fed are already
+representable).
 """
 
 from __future__ import annotations
@@ -45,16 +46,19 @@ def _cast(graph: ir.Graph, value: ir.Value, to: ir.DataType, name: str, before: 
     return node.outputs[0]
 
 
-def _is_narrow(value: ir.Value | None) -> bool:
-    return value is not None and value.type is not None and value.dtype in NARROW
+def _is_narrow(value: ir.Value | None, types=NARROW) -> bool:
+    return value is not None and value.type is not None and value.dtype in types
+
+
+IO_NARROW = (*NARROW, ir.DataType.FLOAT8E4M3FN)  # graph inputs / outputs fed and read as float32 (fp8 KV caches)
 
 
 def emulate_in_float32(model: ir.Model) -> int:
     """Change 1 of the module docstring; returns how many ops were wrapped."""
     graph = model.graph
     first = next(iter(graph))
-    for value in list(graph.inputs):  # 16-bit inputs -> float32 inputs, rounded on entry
-        if _is_narrow(value):
+    for value in list(graph.inputs):  # 16-bit and fp8 inputs -> float32 inputs, rounded on entry
+        if _is_narrow(value, IO_NARROW):
             narrow, users = value.dtype, list(value.uses())
             value.type = ir.TensorType(F32)
             rounded = _cast(graph, value, narrow, f"{value.name}.rounded", before=first)
@@ -81,8 +85,8 @@ def emulate_in_float32(model: ir.Model) -> int:
             if out in graph.outputs:
                 graph.outputs[graph.outputs.index(out)] = rounded
                 output_names[rounded] = name
-    for position, value in enumerate(list(graph.outputs)):  # 16-bit outputs -> float32 outputs, same names
-        if _is_narrow(value):
+    for position, value in enumerate(list(graph.outputs)):  # 16-bit / fp8 outputs -> float32 outputs, same names
+        if _is_narrow(value, IO_NARROW):
             name = output_names.get(value, value.name)
             if value.name == name:
                 value.name = f"{name}.narrow"

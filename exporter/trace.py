@@ -30,10 +30,12 @@ _gemma3 = onnxscript.values.Opset(schema.ONNX_DOMAIN, schema.ONNX_OPSET_VERSION)
 # The signature mirrors plugins/attention_schema.py (torch.library needs it spelled out here as Python).
 @onnxscript.script()
 def _hybrid_attention(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads: int, num_kv_heads: int,
-                      head_dim: int, scale: float, window: int) -> tuple[FLOAT, FLOAT, FLOAT]:
+                      head_dim: int, scale: float, window: int, k_scale: float,
+                      v_scale: float) -> tuple[FLOAT, FLOAT, FLOAT]:
     out, k_out, v_out = _gemma3.HybridAttention(
         q, k, v, k_cache, v_cache, past_len, group_ids,
         num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, scale=scale, window=window,
+        k_scale=k_scale, v_scale=v_scale,
     )
     return out, k_out, v_out
 
@@ -60,7 +62,8 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
 
 
 def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False,
-                  dtype: torch.dtype = torch.float32, batched: bool = False) -> ir.Model:
+                  dtype: torch.dtype = torch.float32, batched: bool = False,
+                  cache_dtype: torch.dtype | None = None) -> ir.Model:
     """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
 
     images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
@@ -68,6 +71,8 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
     dtype: the compute dtype (weights, activations, caches; logits are always float32).
     batched: the tensorrt contract: a dynamic batch, `past_len` [B] int32 per sequence. Otherwise (ort): one
     sequence, `past_len` a 0-d int64.
+    cache_dtype: the caches' type when it is not the compute dtype (tensorrt fp8 caches; their scales are set on
+    the attention nodes after calibration, `export_tensorrt.set_kv_scales`).
     """
     if images and config.vision is None:
         raise ValueError(f"the {config.name} model is text-only; it has no image graph")
@@ -83,7 +88,7 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
         for i in range(layers):
             capacity = config.window(i) or 16  # any example size: the capacity axis is dynamic
             shape = (batch, config.num_kv_heads, capacity, config.head_dim)
-            cache += [torch.zeros(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
+            cache += [torch.zeros(shape, dtype=cache_dtype or dtype), torch.zeros(shape, dtype=cache_dtype or dtype)]
         if batched:
             past_len = torch.zeros((batch,), dtype=torch.int32)
             cache_dims = [{0: "batch", 2: f"capacity_{i // 2}"} for i in range(2 * layers)]

@@ -30,19 +30,22 @@ Group = list[tuple[str, tuple[int, int], ir.Node]]  # (source, [n, k], its Trans
 
 
 def _quantized_entries(plan: WeightPlan, graph: ir.Graph, name: str, source, n: int, k: int,
-                       scheme: Scheme) -> list[ir.Value]:
-    """MatMulNBits' B, scales and (asymmetric only) packed zero points for a [n, k] weight."""
+                       scheme: Scheme, rowwise: bool = False) -> list[ir.Value]:
+    """MatMulNBits' B, scales and (asymmetric only) packed zero points for a [n, k] weight. Every scheme quantizes
+    rows independently (blocks and error feedback run along K), so `rowwise` entries may be written a chunk of
+    rows at a time (the tied table: the largest tensor)."""
     bits, block = scheme.bits, scheme.block
     packed_shape, scales_shape = packed_shapes(n, k, bits, block)
 
     def part(index: int):
         return lambda w: plan.quantized(source, scheme, w)[index]  # statistics are per source
 
-    inputs = [plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape, part(0))),
-              plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape, part(1)))]
+    inputs = [plan.add(graph, Stored(f"{name}.q{bits}", source, np.uint8, packed_shape, part(0), rowwise=rowwise)),
+              plan.add(graph, Stored(f"{name}.scales", source, np.float32, scales_shape, part(1), rowwise=rowwise))]
     if not scheme.symmetric:
         zp_shape = (n, -(-scales_shape[1] * bits // 8))
-        inputs.append(plan.add(graph, Stored(f"{name}.zero_points", source, np.uint8, zp_shape, part(2))))
+        inputs.append(plan.add(graph, Stored(f"{name}.zero_points", source, np.uint8, zp_shape, part(2),
+                                             rowwise=rowwise)))
     return inputs
 
 
@@ -102,7 +105,7 @@ def _embedding_ort(graph: ir.Graph, plan: WeightPlan, gathers: list[ir.Node], lm
                            add_node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
         return
     bits, block = scheme.bits, scheme.block
-    packed, scales, *zero_points = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, scheme)
+    packed, scales, *zero_points = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, scheme, rowwise=True)
     # GatherBlockQuantized reads the same bytes as a 2-D [V, packed row] table (quantize_axis 1); its scales
     # and zero points have MatMulNBits' layout already, so nothing is stored twice.
     packed_2d = plan.add(graph, Stored(f"{EMBED}.rows", EMBED, np.uint8, (vocab, int(np.prod(

@@ -20,7 +20,7 @@ from gemma3.graphs.loaders.checkpoint import Checkpoint
 
 from .progress import Progress
 from .quantize import FP8_MAX
-from .quantizers import Quantized, quantize
+from .quantizers import ROWS_PER_CHUNK, Quantized, quantize
 from .recipes import Scheme
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
@@ -146,15 +146,17 @@ class WeightPlan:
     def _write_source(self, checkpoint: Checkpoint, fd: int, source, entries: list[Stored],
                       progress: Progress) -> None:
         if isinstance(source, str) and all(e.rowwise for e in entries):
-            tensor = checkpoint.tensor(source)  # as stored (e.g. bf16): one fp32 chunk of rows at a time
-            rows = tensor.shape[0]
-            step = max(1, ROW_CHUNK_BYTES // max(1, 4 * int(np.prod(tensor.shape[1:], dtype=np.int64))))
-            for start in range(0, rows, step):
-                chunk = tensor[start:start + step].float().numpy()
+            shape = checkpoint.shape(source)  # read (and converted to fp32) a chunk of rows at a time
+            step = ROW_CHUNK_BYTES // max(1, 4 * int(np.prod(shape[1:], dtype=np.int64)))
+            # whole multiples of the quantizer's own row chunks: the same BLAS calls as a whole-tensor quantization
+            step = max(1, step // ROWS_PER_CHUNK) * ROWS_PER_CHUNK
+            for start, rows in checkpoint.row_chunks(source, step):
+                chunk = rows.float().numpy()
                 for entry in entries:
                     data = _made(entry, chunk, (len(chunk), *entry.shape[1:]))
                     os.pwrite(fd, _bytes(data), entry.offset + start * (entry.nbytes // entry.shape[0]))
                     progress.update(data.nbytes)
+                self._forget(source)  # a quantized chunk is only this chunk's
             return
         if isinstance(source, str):
             tensor = checkpoint.tensor(source).float().numpy()
@@ -164,6 +166,9 @@ class WeightPlan:
             data = _made(entry, tensor, (entry.nbytes,) if entry.onnx_type is not None else entry.shape)
             os.pwrite(fd, _bytes(data), entry.offset)
             progress.update(entry.nbytes)
+        self._forget(source)
+
+    def _forget(self, source) -> None:
         for key in [k for k in self._quantized if k[0] == source]:
             self._quantized.pop(key, None)
 

@@ -43,14 +43,24 @@ def visibility(
     return visible
 
 
-def _write_cache(cache: torch.Tensor, new: torch.Tensor, q_pos: torch.Tensor, window: int) -> torch.Tensor:
+def _write_cache(cache: torch.Tensor, new: torch.Tensor, q_pos: torch.Tensor, window: int,
+                 scale: float = 0.0) -> torch.Tensor:
     """cache (B, KVH, C, D) with new (B, KVH, S, D) at positions q_pos (B, S) written at their rows (ring rows
-    for local layers). A scatter per batch row: every sequence writes at its own position."""
+    for local layers). A scatter per batch row: every sequence writes at its own position. scale > 0: the cache is
+    fp8 and the new rows are stored as saturate(new / scale)."""
     if window > 0:  # only the newest `window` positions survive in the ring (and their rows are distinct)
         new, q_pos = new[:, :, -window:], q_pos[:, -window:]
     rows = torch.remainder(q_pos, window) if window > 0 else q_pos  # (B, kept)
     index = rows[:, None, :, None].expand(new.shape)
+    if scale > 0:  # scatter the fp8 bytes (torch has no fp8 scatter)
+        stored = (new.float() / scale).clamp(-schema.FP8_MAX, schema.FP8_MAX).to(cache.dtype)
+        return cache.view(torch.uint8).scatter(2, index, stored.view(torch.uint8)).view(cache.dtype)
     return cache.scatter(2, index, new)
+
+
+def _read_cache(cache: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """The cached rows as values in the compute dtype (fp8 rows times their scale)."""
+    return (cache.float() * scale).to(dtype) if scale > 0 else cache
 
 
 def hybrid_attention_reference(
@@ -66,6 +76,8 @@ def hybrid_attention_reference(
     head_dim: int,
     scale: float,
     window: int,
+    k_scale: float = 0.0,
+    v_scale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, new_tokens, _ = q.shape
     capacity = k_cache.shape[2]
@@ -82,8 +94,8 @@ def hybrid_attention_reference(
     k_group = torch.cat((cached_group, group_ids), dim=1)  # (B, C + S)
     mask = visibility(q_pos, k_pos, group_ids, k_group, window)  # (B, S, C + S)
 
-    keys = torch.cat((k_cache, k), dim=2)  # (B, KVH, C + S, D)
-    values = torch.cat((v_cache, v), dim=2)
+    keys = torch.cat((_read_cache(k_cache, k_scale, k.dtype), k), dim=2)  # (B, KVH, C + S, D)
+    values = torch.cat((_read_cache(v_cache, v_scale, v.dtype), v), dim=2)
     group = num_heads // num_kv_heads
     keys = keys.repeat_interleave(group, dim=1)  # (B, H, C + S, D)
     values = values.repeat_interleave(group, dim=1)
@@ -94,16 +106,18 @@ def hybrid_attention_reference(
     out = torch.matmul(probs, values)  # (B, H, S, D)
     out = out.transpose(1, 2).reshape(batch, new_tokens, num_heads * head_dim)
 
-    return out, _write_cache(k_cache, k, q_pos, window), _write_cache(v_cache, v, q_pos, window)
+    return (out, _write_cache(k_cache, k, q_pos, window, k_scale),
+            _write_cache(v_cache, v, q_pos, window, v_scale))
 
 
 @torch.library.custom_op(_QUALNAME, mutates_args=(), schema=schema.torch_schema())
 def hybrid_attention(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads, head_dim, scale,
-                     window):
+                     window, k_scale, v_scale):
     return hybrid_attention_reference(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads,
-                                      head_dim, scale, window)
+                                      head_dim, scale, window, k_scale, v_scale)
 
 
 @hybrid_attention.register_fake
-def _(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads, head_dim, scale, window):
+def _(q, k, v, k_cache, v_cache, past_len, group_ids, num_heads, num_kv_heads, head_dim, scale, window, k_scale,
+      v_scale):
     return q.new_empty(q.shape), torch.empty_like(k_cache), torch.empty_like(v_cache)

@@ -56,6 +56,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
         self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)  # one weight shared by all heads
         self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
+        # fp8 KV cache (attention_schema.py): per-layer scales the exporter calibrates; 0 = compute-dtype cache
+        self.k_scale = self.v_scale = 0.0
 
     def forward(self, x, rope, past_len, group_ids, cache):
         batch, new_tokens, _ = x.shape
@@ -68,7 +70,7 @@ class Attention(nn.Module):
         past = past_len.reshape(-1).expand(batch).to(torch.int32)  # the op's contract: [B] int32
         out, k_cache, v_cache = hybrid_attention(
             q, k, v, cache[0], cache[1], past, group_ids.to(torch.int32),
-            self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.window,
+            self.num_heads, self.num_kv_heads, self.head_dim, self.scale, self.window, self.k_scale, self.v_scale,
         )
         return self.o_proj(out), (k_cache, v_cache)
 

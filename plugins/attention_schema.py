@@ -24,7 +24,13 @@ Why the contract looks like this (TensorRT's AOT plugin ABI, ../shared/docs/tens
         A step with S > W writes only its last W tokens (the earlier ones are already out of every window).
   - S is the same for every sequence of a step: ragged prefill runs one sequence at a time (B = 1) on its slot
     of the batched cache; decode batches sequences at different positions (S = 1, past_len differs per row).
-  - The cache dtype is the compute dtype (bf16 / fp16 / fp32, as q); softmax runs in fp32.
+  - The cache dtype is the compute dtype (bf16 / fp16 / fp32, as q), or float8 E4M3FN (an option: the plugin
+    owns the cache, so its storage is ours to define). With `k_scale` / `v_scale` > 0 a cached row holds
+    saturate(round(x / scale)) in fp8 and is read back as fp8 * scale: one per-tensor scale per layer for keys
+    and one for values, calibrated by the exporter (absmax / 448). The step's own new keys and values are used
+    as computed (they are not re-read from the cache), only later steps see their fp8 rounding. Half the bytes of
+    bf16 per cached token, which is what bounds decode at long contexts; TensorRT's own attention layers have
+    no fp8 cache (facts file 3.3). 0 / 0: the cache is in the compute dtype. Softmax runs in fp32.
 """
 
 from __future__ import annotations
@@ -43,7 +49,7 @@ ONNX_OPSET_VERSION = 1
 class TensorSpec:
     name: str
     shape: str  # symbolic, for docs and error messages
-    dtype: str  # "float" (fp32 / fp16 / bf16, the model's compute dtype) or "int32"
+    dtype: str  # "float" (fp32 / fp16 / bf16, the model's compute dtype), "cache" (float, or fp8) or "int32"
     doc: str
 
 
@@ -51,16 +57,16 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("q", "[B, S, num_heads * head_dim]", "float", "queries after QK-norm and RoPE"),
     TensorSpec("k", "[B, S, num_kv_heads * head_dim]", "float", "new keys after QK-norm and RoPE"),
     TensorSpec("v", "[B, S, num_kv_heads * head_dim]", "float", "new values"),
-    TensorSpec("k_cache", "[B, num_kv_heads, C, head_dim]", "float", "C = capacity (global) or window (local)"),
-    TensorSpec("v_cache", "[B, num_kv_heads, C, head_dim]", "float", "same layout as k_cache"),
+    TensorSpec("k_cache", "[B, num_kv_heads, C, head_dim]", "cache", "C = capacity (global) or window (local)"),
+    TensorSpec("v_cache", "[B, num_kv_heads, C, head_dim]", "cache", "same layout as k_cache"),
     TensorSpec("past_len", "[B]", "int32", "tokens already in context before this step, per sequence"),
     TensorSpec("group_ids", "[B, S]", "int32", "-1 for text, image index for image soft tokens"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("out", "[B, S, num_heads * head_dim]", "float", "attention output, heads concatenated"),
-    TensorSpec("k_cache_out", "[B, num_kv_heads, C, head_dim]", "float", "k_cache with the new keys written"),
-    TensorSpec("v_cache_out", "[B, num_kv_heads, C, head_dim]", "float", "v_cache with the new values written"),
+    TensorSpec("k_cache_out", "[B, num_kv_heads, C, head_dim]", "cache", "k_cache with the new keys written"),
+    TensorSpec("v_cache_out", "[B, num_kv_heads, C, head_dim]", "cache", "v_cache with the new values written"),
 )
 
 
@@ -77,7 +83,11 @@ ATTRIBUTES: tuple[AttributeSpec, ...] = (
     AttributeSpec("head_dim", "int", "per-head width"),
     AttributeSpec("scale", "float", "score scale, query_pre_attn_scalar ** -0.5"),
     AttributeSpec("window", "int", "sliding window W (0 = global layer)"),
+    AttributeSpec("k_scale", "float", "0: caches in the compute dtype; > 0: fp8 E4M3FN key cache, x = fp8 * k_scale"),
+    AttributeSpec("v_scale", "float", "as k_scale, for the value cache (both 0 or both > 0)"),
 )
+
+FP8_MAX = 448.0  # largest finite float8 E4M3FN value: a cached fp8 row is saturate(x / scale) in [-448, 448]
 
 
 def torch_schema() -> str:

@@ -84,10 +84,13 @@ def test_ring_keeps_the_last_window_positions():
 # (b) ------------------------------------------------------------------------------------------------------------
 
 def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
-             probes: tuple[str, ...] = (), dtype: int = TensorProto.FLOAT) -> ort.InferenceSession:
+             probes: tuple[str, ...] = (), dtype: int = TensorProto.FLOAT,
+             kv_scales: tuple[float, float] = (0.0, 0.0)) -> ort.InferenceSession:
     """One HybridAttention node (B, S, C dynamic), lowered to standard ops.
 
-    probes: inner int64 [B, KVH, kept, D] values (scatter indices) to add as outputs, by node name."""
+    probes: inner int64 [B, KVH, kept, D] values (scatter indices) to add as outputs, by node name.
+    kv_scales > 0: fp8 caches, fed and read as float32 holding fp8 values (tensorrt_on_cpu's IO emulation)."""
+    fp8 = kv_scales[0] > 0
     widths = {"q": heads * dim, "k": kv_heads * dim, "v": kv_heads * dim}
     shapes = {**{name: ["B", "S", w] for name, w in widths.items()},
               "k_cache": ["B", kv_heads, "C", dim], "v_cache": ["B", kv_heads, "C", dim],
@@ -96,17 +99,21 @@ def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
               "v_cache_out": ["B", kv_heads, "C", dim]}
 
     def info(spec: schema.TensorSpec):
-        return helper.make_tensor_value_info(spec.name, dtype if spec.dtype == "float" else TensorProto.INT32,
-                                             shapes[spec.name])
+        kind = {"float": dtype, "cache": TensorProto.FLOAT8E4M3FN if fp8 else dtype}.get(spec.dtype, TensorProto.INT32)
+        return helper.make_tensor_value_info(spec.name, kind, shapes[spec.name])
 
     node = helper.make_node(schema.ONNX_OP_TYPE, [t.name for t in schema.INPUTS], [t.name for t in schema.OUTPUTS],
                             domain=schema.ONNX_DOMAIN, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim,
-                            scale=scale, window=window)
+                            scale=scale, window=window, k_scale=kv_scales[0], v_scale=kv_scales[1])
     graph = helper.make_graph([node], "attention", [info(t) for t in schema.INPUTS], [info(t) for t in schema.OUTPUTS])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23),
                                                     helper.make_opsetid(schema.ONNX_DOMAIN, 1)])
     proto.ir_version = 10  # helper writes IR 14, which onnxruntime refuses
     model = ir.serde.deserialize_model(proto)
+    if fp8:
+        from gemma3.exporter.tensorrt_on_cpu import emulate_in_float32
+
+        emulate_in_float32(model)
     assert lower_to_reference(model) == 1
     values = {out.name: out for node in model.graph for out in node.outputs}
     for name in probes:  # int64 index tensors; shape inference has not run, so their type is given here
@@ -115,7 +122,7 @@ def _session(heads: int, kv_heads: int, dim: int, scale: float, window: int,
         model.graph.outputs.append(probe)
     proto = ir.serde.serialize_model(model)
     assert {n.domain for n in proto.graph.node} == {""}
-    assert all(n.name.startswith("layers.0.attn.ref.") for n in proto.graph.node)
+    assert fp8 or all(n.name.startswith("layers.0.attn.ref.") for n in proto.graph.node)  # fp8: + IO casts
     onnx.checker.check_model(proto)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # shared 2-core machine
@@ -204,7 +211,7 @@ class _Step(torch.nn.Module):
 
     def __init__(self, heads: int, kv_heads: int, dim: int, scale: float, window: int):
         super().__init__()
-        self.attrs = (heads, kv_heads, dim, scale, window)
+        self.attrs = (heads, kv_heads, dim, scale, window, 0.0, 0.0)
 
     def forward(self, q, k, v, k_cache, v_cache, past_len, group_ids):
         past = past_len.reshape(-1).expand(q.shape[0]).to(torch.int32)
@@ -241,3 +248,29 @@ def test_traced_node_lowers_and_matches():
     got = session.run(None, dict(zip([i.name for i in session.get_inputs()], feeds)))
     assert np.abs(got[0] - expected[0].numpy()).max() < ATOL
     assert all(np.array_equal(g, e.numpy()) for g, e in zip(got[1:], expected[1:]))
+
+
+@pytest.mark.parametrize("window, capacity", [(0, 24), (4, 4)])
+def test_fp8_cache_lowering_matches_reference(window, capacity):
+    """fp8 E4M3 caches (k_scale / v_scale > 0): rows read as fp8 * scale, new rows stored saturate(x / scale); the
+    lowering equals the reference (caches bit for bit), across the window edge, ring wrap and an image; and the
+    fp8 rounding is really there: the written cache differs from the same step's on a float cache."""
+    heads, kv_heads, dim, scale, kv_scales = 4, 2, 16, 0.25, (0.011, 0.009)  # |x| up to ~4.5 -> 448 * scale
+    session = _session(heads, kv_heads, dim, scale, window, kv_scales=kv_scales)
+    for seed, (past, new_tokens, images) in enumerate(_edge_cases(window or 4)):
+        inputs = list(_inputs(heads, kv_heads, dim, capacity, past, new_tokens, images, seed))
+        for i, s in ((3, kv_scales[0]), (4, kv_scales[1])):  # caches as stored: fp8 codes
+            inputs[i] = (inputs[i] / s).clamp(-448, 448).to(torch.float8_e4m3fn)
+        with torch.no_grad():
+            expected = hybrid_attention_reference(*inputs, heads, kv_heads, dim, scale, window, *kv_scales)
+            plain = [t.float() * s for t, s in zip(inputs[3:5], kv_scales)]
+            unrounded = hybrid_attention_reference(*inputs[:3], *plain, *inputs[5:], heads, kv_heads, dim, scale,
+                                                   window)
+        feeds = {spec.name: (t.float() if t.dtype == torch.float8_e4m3fn else t).numpy()
+                 for spec, t in zip(schema.INPUTS, inputs)}
+        got = session.run(None, feeds)
+        assert np.abs(got[0] - expected[0].numpy()).max() < ATOL, f"past {past}, S {new_tokens}"
+        for g, e in zip(got[1:], expected[1:]):
+            assert e.dtype == torch.float8_e4m3fn and np.array_equal(g, e.float().numpy())
+        # the new rows went into the cache rounded: the plain-cache step's cache differs where they were written
+        assert not torch.equal(unrounded[1], expected[1].float() * kv_scales[0])

@@ -307,7 +307,10 @@ def test_cli_precision_target_pairs(tmp_path):
     assert result.exit_code != 0 and "--checkpoint" in result.output and "--random-weights" in result.output
     result = CliRunner().invoke(main, ["--size", "270m", "--precision", "int8-head4", "--target", "tensorrt"])
     assert result.exit_code == 2 and "--target ort" in result.output
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    result = CliRunner().invoke(main, ["--size", "270m", "--precision", "int8", "--kv-cache", "fp8",
+                                       "--out", str(tmp_path / "z")])
+    assert result.exit_code == 2 and "--kv-cache fp8 needs --target tensorrt" in result.output
+    assert not any((tmp_path / name).exists() for name in "xyz")
 
 
 @torch.no_grad()
@@ -351,3 +354,47 @@ def test_fp8_error_feedback():
 
     print(f"fp8 output error: rounding {output_error(plain):.4f}, error feedback {output_error(fed):.4f}")
     assert output_error(fed) < 0.7 * output_error(plain)
+
+
+@torch.no_grad()
+def test_fp8_kv_cache_graph_matches_our_model(tiny_checkpoint, tmp_path, monkeypatch):
+    """`--kv-cache fp8`: caches typed float8 E4M3FN with calibrated per-layer scales on every attention node; the
+    graph on the CPU equals our model stepping with the same fp8 caches (fp32 compute: what remains is summation
+    order and the rare fp8 rounding it flips), and is measurably away from the same export with fp32 caches."""
+    ids = list(range(2, 40))
+    _calibrated(monkeypatch, ids)
+    folder = tiny_checkpoint[1]
+    chosen = _trt("fp32").with_kv_cache("fp8")
+    out = export(open_checkpoint(folder), tmp_path / "fp8kv", chosen, max_context=64, eval_graph=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    layers = manifest["decoder"]["layers"]
+    assert manifest["decoder"]["cache_dtype"] == "float8e4m3fn" and manifest["engine"]["min_sm"] == 89
+    assert all(layer["k_scale"] > 0 and layer["v_scale"] > 0 for layer in layers)
+    graph = onnx.load(out / "decoder.onnx", load_external_data=False).graph
+    caches = [i for i in graph.input if i.name.startswith(("past_key", "past_value"))]
+    assert {i.type.tensor_type.elem_type for i in caches} == {TensorProto.FLOAT8E4M3FN}
+
+    ours = load_checkpoint(folder)
+    for layer, spec in zip(ours.text.layers, layers):  # the graph's attributes are float32
+        layer.attn.k_scale, layer.attn.v_scale = float(np.float32(spec["k_scale"])), float(np.float32(spec["v_scale"]))
+    ids_t = _ids(sum(CHUNKS), seed=4)
+
+    def ours_chunked(cache_dtype):
+        cache, pos, logits = ours.new_cache(1, 64, cache_dtype), 0, []
+        for n in CHUNKS:
+            step, cache = ours.step(ids_t[:, pos:pos + n], torch.tensor(pos), cache)
+            logits.append(step[0, -1].numpy())
+            pos += n
+        return logits
+
+    reference = ours_chunked(torch.float8_e4m3fn)
+    got = _run_chunks(CpuSteps(out), ids_t)
+    for layer in ours.text.layers:
+        layer.attn.k_scale = layer.attn.v_scale = 0.0
+    plain = ours_chunked(torch.float32)
+    scale = max(float(np.abs(r).max()) for r in reference)
+    worst = max(float(np.abs(g - r).max()) for g, r in zip(got, reference))
+    from_plain = max(float(np.abs(g - p).max()) for g, p in zip(got, plain))
+    print(f"fp8 KV cache graph: vs our model with fp8 caches {worst:.2e}, vs fp32 caches {from_plain:.2e} "
+          f"(scale {scale:.2f})")
+    assert worst < 0.01 * scale and from_plain > 3 * worst

@@ -44,6 +44,7 @@ def test_chunked_threaded_write_equals_plain_write(tmp_path, monkeypatch):
     files = []
     for chunk_bytes, workers in ((1 << 30, 1), (24 * 4 * 7, 2)):  # one chunk; 7 rows per chunk (1000 % 7 != 0)
         monkeypatch.setattr(weights, "ROW_CHUNK_BYTES", chunk_bytes)
+        monkeypatch.setattr(weights, "ROWS_PER_CHUNK", 1)
         graph = ir.Graph([], [], nodes=[])
         plan = _plan(graph)
         size = plan.layout(graph, tmp_path)
@@ -56,3 +57,17 @@ def test_chunked_threaded_write_equals_plain_write(tmp_path, monkeypatch):
     offset = plan.entries["a.T"].offset
     a_t = np.frombuffer(files[1][offset: offset + 24 * 40 * 4], dtype=np.float32).reshape(24, 40)
     assert np.array_equal(a_t, tensors["a"].numpy().T)
+
+
+def test_safetensors_row_chunks_read_slices(tmp_path):
+    """The table is streamed from safetensors a slice of rows at a time, with the values of a whole read."""
+    from gemma3.exporter.recipes import EMBED
+    from gemma3.graphs import open_checkpoint
+    from gemma3.graphs.config import tiny
+    from tests.hf_reference import random_hf_model, save_hf
+
+    checkpoint = open_checkpoint(save_hf(random_hf_model(tiny(), seed=1), tmp_path / "hf"))
+    chunks = list(checkpoint.row_chunks(EMBED, 7))
+    whole = checkpoint.tensor(EMBED)
+    assert [start for start, _ in chunks] == list(range(0, whole.shape[0], 7))
+    assert torch.equal(torch.cat([rows for _, rows in chunks]), whole)

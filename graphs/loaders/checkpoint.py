@@ -12,6 +12,7 @@ import logging
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,13 @@ class Checkpoint(ABC):
     @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape under our layout, without reading its data."""
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first row, rows as stored) for `rows` rows at a time. Here from the whole tensor; formats that can
+        read a slice (safetensors) hold only one chunk, so the largest tensor is never whole in memory."""
+        tensor = self.tensor(name)
+        for start in range(0, tensor.shape[0], rows):
+            yield start, tensor[start:start + rows]
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -95,6 +103,16 @@ class SafetensorsCheckpoint(Checkpoint):
         file, hf_name = self._where[name]
         try:
             return self._handles[file].get_tensor(hf_name)
+        except Exception as e:
+            raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({e})") from e
+
+    def row_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
+        file, hf_name = self._where[name]
+        try:
+            tensor = self._handles[file].get_slice(hf_name)
+            total = tensor.get_shape()[0]
+            for start in range(0, total, rows):
+                yield start, tensor[start:min(start + rows, total)]  # safetensors does not clamp a slice
         except Exception as e:
             raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({e})") from e
 
