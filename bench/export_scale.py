@@ -43,7 +43,7 @@ def largest_tensor_fp32(size: str) -> int:
 
 def hf_folder(size: str) -> Path:
     folder = cache_root() / "bench" / f"hf-random-{size}"
-    if not (folder / "model.safetensors.index.json").exists():
+    if not (folder / "config.json").exists():
         subprocess.run([sys.executable, "-m", "bench.make_checkpoint", "--size", size, "--out", str(folder)],
                        check=True)
     return folder

@@ -73,20 +73,26 @@ def test_safetensors_row_chunks_read_slices(tmp_path):
     assert torch.equal(torch.cat([rows for _, rows in chunks]), whole)
 
 
-def test_progress_logs_every_tenth_without_a_terminal(caplog, monkeypatch):
+def test_progress_logs_every_tenth_without_a_terminal(monkeypatch):
     """Off a terminal (CI logs, pipes) a long stage still reports: a line per 10% of the work, and the total."""
     import io
     import logging
 
-    from gemma3.exporter.progress import Progress
+    from gemma3.exporter.progress import Progress, log
 
     monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal, even under pytest -s
-
-    with caplog.at_level(logging.INFO, logger="gemma3.exporter"):
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    monkeypatch.setattr(log, "level", logging.INFO)
+    log.addHandler(handler)
+    try:
         progress = Progress("writing", 100 * 2**20)
         for _ in range(20):
             progress.update(5 * 2**20)
         progress.close()
-    lines = [r.getMessage() for r in caplog.records]
+    finally:
+        log.removeHandler(handler)
+    lines = [r.getMessage() for r in records]
     assert sum("%" in line for line in lines) == 10 and "100%" in lines[-2]
     assert lines[-1].startswith("writing: 0.10 GiB in")
