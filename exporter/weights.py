@@ -154,7 +154,7 @@ class WeightPlan:
                 chunk = rows.float().numpy()
                 for entry in entries:
                     data = _made(entry, chunk, (len(chunk), *entry.shape[1:]))
-                    os.pwrite(fd, _bytes(data), entry.offset + start * (entry.nbytes // entry.shape[0]))
+                    _pwrite(fd, _bytes(data), entry.offset + start * (entry.nbytes // entry.shape[0]))
                     progress.update(data.nbytes)
                 self._forget(source)  # a quantized chunk is only this chunk's
             return
@@ -164,7 +164,7 @@ class WeightPlan:
             tensor = np.concatenate([checkpoint.tensor(part).float().numpy() for part in source], axis=0)
         for entry in entries:
             data = _made(entry, tensor, (entry.nbytes,) if entry.onnx_type is not None else entry.shape)
-            os.pwrite(fd, _bytes(data), entry.offset)
+            _pwrite(fd, _bytes(data), entry.offset)
             progress.update(entry.nbytes)
         self._forget(source)
 
@@ -184,6 +184,13 @@ def _made(entry: Stored, tensor: np.ndarray, expected: tuple[int, ...]) -> np.nd
 def _bytes(data: np.ndarray) -> memoryview:
     """The array's bytes without a copy (tobytes() would double the largest tensor's memory)."""
     return memoryview(data.reshape(-1).view(np.uint8))
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    """pwrite until done: Linux writes at most 2 GiB - 4 KiB per call."""
+    while data:
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def _source_shape(checkpoint: Checkpoint, source) -> tuple[int, ...]:
