@@ -22,6 +22,7 @@ import torch
 from gemma3.graphs.config import Gemma3Config
 from gemma3.plugins import attention_schema as schema
 
+from .lower_ort import attention_nodes
 from .plan import kv_cache_bytes
 from .recipes import Recipe
 from .trace import trace_decoder
@@ -41,7 +42,7 @@ def trace_tensorrt(config: Gemma3Config, recipe: Recipe, all_logits: bool) -> ir
 
 def set_kv_scales(model: ir.Model, scales: list[tuple[float, float]]) -> None:
     """fp8 KV caches: each layer's HybridAttention node gets its calibrated k_scale / v_scale (traced as 0)."""
-    nodes = [n for n in model.graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+    nodes = attention_nodes(model.graph)
     if len(nodes) != len(scales):
         raise AssertionError(f"{len(nodes)} attention nodes for {len(scales)} layers of KV scales")
     for node, (k_scale, v_scale) in zip(nodes, scales):

@@ -62,6 +62,11 @@ def finish_lowering(model: ir.Model) -> None:
     model.opset_imports.pop(schema.ONNX_DOMAIN, None)
 
 
+def attention_nodes(graph: ir.Graph) -> list[ir.Node]:
+    """The graph's `gemma3::HybridAttention` nodes, in graph (layer) order."""
+    return [n for n in graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+
+
 def gqa_attributes(attrs: dict, windowed: bool = True) -> dict:
     """GroupQueryAttention's attributes for a HybridAttention node's; local layers windowed unless told not."""
     out = {"num_heads": attrs["num_heads"], "kv_num_heads": attrs["num_kv_heads"], "scale": attrs["scale"]}
@@ -73,7 +78,7 @@ def gqa_attributes(attrs: dict, windowed: bool = True) -> dict:
 def lower_to_group_query_attention(model: ir.Model) -> int:
     """Replace every HybridAttention node in place; returns how many were lowered."""
     graph = model.graph
-    nodes = [n for n in graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+    nodes = attention_nodes(graph)
     if not nodes:
         return 0
     seqlens, total = sequence_lengths(graph, nodes[0])

@@ -20,9 +20,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from gemma3.plugins import attention_schema as schema
-
-from .lower_ort import MS_DOMAIN, finish_lowering, gqa_attributes, replace_node, sequence_lengths
+from .lower_ort import MS_DOMAIN, attention_nodes, finish_lowering, gqa_attributes, replace_node, sequence_lengths
 
 I64 = ir.DataType.INT64
 
@@ -79,7 +77,7 @@ def _resident(b: _Builder, total: ir.Value, capacity: ir.Value, window: int) -> 
 def lower_bidirectional(model: ir.Model) -> int:
     """Replace every HybridAttention node with a `causal=0` GroupQueryAttention and its mask."""
     graph = model.graph
-    nodes = [n for n in graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+    nodes = attention_nodes(graph)
     if not nodes:
         return 0
     shared = _Builder(graph, nodes[0], "images")

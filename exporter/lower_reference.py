@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from gemma3.plugins import attention_schema as schema
 
-from .lower_ort import replace_node
+from .lower_ort import attention_nodes, replace_node
 
 OPSET = 23  # every op below exists unchanged since opset 15 (CastLike); the traced graphs import 23
 I64 = ir.DataType.INT64
@@ -174,7 +174,7 @@ def _lower_node(b: _Builder, node: ir.Node) -> list[ir.Value]:
 def lower_to_reference(model: ir.Model) -> int:
     """Replace every HybridAttention node with standard ops (outputs keep their names); returns how many."""
     graph = model.graph
-    nodes = [n for n in graph if n.domain == schema.ONNX_DOMAIN and n.op_type == schema.ONNX_OP_TYPE]
+    nodes = attention_nodes(graph)
     if not nodes:
         return 0
     version = model.opset_imports.setdefault("", OPSET)

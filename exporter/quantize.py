@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from gemma3.plugins.attention_schema import FP8_MAX  # largest finite float8 E4M3FN value
+
 
 def packed_shapes(n: int, k: int, bits: int, block_size: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of MatMulNBits' B ([N, k_blocks, blob]) and scales ([N, k_blocks]) for a [N, K] weight."""
@@ -143,7 +145,6 @@ def dequantize_blockwise(
     return (centred * scales[:, :, None]).reshape(n, -1)[:, :k]
 
 
-FP8_MAX = 448.0  # largest finite float8 E4M3FN value
 
 
 def rows_fp8(rows: np.ndarray, scale_dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
