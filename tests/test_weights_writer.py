@@ -84,7 +84,8 @@ def test_progress_logs_every_tenth_without_a_terminal(monkeypatch):
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
     handler.emit = records.append
-    monkeypatch.setattr(log, "level", logging.INFO)
+    level = log.level
+    log.setLevel(logging.INFO)  # setLevel, not the attribute: it clears the logger's isEnabledFor cache
     log.addHandler(handler)
     try:
         progress = Progress("writing", 100 * 2**20)
@@ -93,6 +94,7 @@ def test_progress_logs_every_tenth_without_a_terminal(monkeypatch):
         progress.close()
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
     lines = [r.getMessage() for r in records]
     assert sum("%" in line for line in lines) == 10 and "100%" in lines[-2]
     assert lines[-1].startswith("writing: 0.10 GiB in")
