@@ -15,6 +15,7 @@ import torch
 from gemma3.graphs.attention import hybrid_attention_reference
 from gemma3.plugins import attention_launch as launch
 
+
 def _interpreter_scalars_as_ints() -> None:
     """Triton 3.5's interpreter keeps scalars as 1-element arrays and turns them into loop bounds with int(),
     which numpy >= 2.4 refuses for arrays of ndim > 0; read the one element instead."""

@@ -29,7 +29,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-NEG_BIG = tl.constexpr(-1.0e30)  # running-max start: finite, so a split with every key masked gives exp(-inf - NEG_BIG) = 0
+# Running-max start: finite, so a split whose keys are all masked gives exp(-inf - NEG_BIG) = 0, not NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -52,6 +53,12 @@ def _online_softmax_step(q, keys, vals, visible, m_i, l_i, acc, SCALE: tl.conste
     else:
         pv = tl.dot(p_rounded, vals)
     return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + pv
+
+
+@triton.jit
+def _partial(ws_ptr, n_bk, bk, split, SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Where split `split` of (b, k) keeps its partial: after the n_bk counters, BLOCK_M * (HEAD_DIM + 2) floats."""
+    return ws_ptr + n_bk + ((bk * SPLITS + split) * BLOCK_M).to(tl.int64) * (HEAD_DIM + 2)
 
 
 @triton.jit
@@ -129,13 +136,14 @@ def hybrid_attention_kernel(
 
         out_off = ((b * S + tok) * heads + head)[:, None] * HEAD_DIM + d[None, :]
         if n_split == 1:
+            l_i = tl.where(l_i > 0, l_i, 1.0)  # padding rows of the tile see no key
             tl.store(out_ptr + out_off, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-        else:  # publish the partial: acc [BLOCK_M, D], then m and l, at (bk, split)
-            part = n_bk + ((bk * SPLITS + split) * BLOCK_M).to(tl.int64) * (HEAD_DIM + 2)
+        else:  # publish the partial: acc [BLOCK_M, D], then the running max and sum, at (bk, split)
+            part = _partial(ws_ptr, n_bk, bk, split, SPLITS, BLOCK_M, HEAD_DIM)
             m_rows = tl.arange(0, BLOCK_M)
-            tl.store(ws_ptr + part + m_rows[:, None] * HEAD_DIM + d[None, :], acc)
-            tl.store(ws_ptr + part + BLOCK_M * HEAD_DIM + m_rows, m_i)
-            tl.store(ws_ptr + part + BLOCK_M * (HEAD_DIM + 1) + m_rows, l_i)
+            tl.store(part + m_rows[:, None] * HEAD_DIM + d[None, :], acc)
+            tl.store(part + BLOCK_M * HEAD_DIM + m_rows, m_i)
+            tl.store(part + BLOCK_M * (HEAD_DIM + 1) + m_rows, l_i)
 
         tl.debug_barrier()  # every thread's stores (and reads of old rows) precede the ticket
         ticket = tl.atomic_add(ws_ptr + bk, 1.0, sem="acq_rel")
@@ -143,17 +151,18 @@ def hybrid_attention_kernel(
             if n_split > 1:
                 m_rows = tl.arange(0, BLOCK_M)
                 m_all = tl.full((BLOCK_M,), NEG_BIG, tl.float32)
-                for z in range(0, n_split):
-                    part = n_bk + ((bk * SPLITS + z) * BLOCK_M).to(tl.int64) * (HEAD_DIM + 2)
-                    m_all = tl.maximum(m_all, tl.load(ws_ptr + part + BLOCK_M * HEAD_DIM + m_rows, cache_modifier=".cg"))
+                for z in range(0, n_split):  # .cg: read other programs' stores from L2, not a stale L1
+                    part = _partial(ws_ptr, n_bk, bk, z, SPLITS, BLOCK_M, HEAD_DIM)
+                    m_all = tl.maximum(m_all, tl.load(part + BLOCK_M * HEAD_DIM + m_rows, cache_modifier=".cg"))
                 total = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
                 norm = tl.zeros((BLOCK_M,), tl.float32)
                 for z in range(0, n_split):
-                    part = n_bk + ((bk * SPLITS + z) * BLOCK_M).to(tl.int64) * (HEAD_DIM + 2)
-                    weight = tl.exp(tl.load(ws_ptr + part + BLOCK_M * HEAD_DIM + m_rows, cache_modifier=".cg") - m_all)
-                    norm += weight * tl.load(ws_ptr + part + BLOCK_M * (HEAD_DIM + 1) + m_rows, cache_modifier=".cg")
-                    total += weight[:, None] * tl.load(ws_ptr + part + m_rows[:, None] * HEAD_DIM + d[None, :],
-                                                       cache_modifier=".cg")
+                    part = _partial(ws_ptr, n_bk, bk, z, SPLITS, BLOCK_M, HEAD_DIM)
+                    weight = tl.exp(tl.load(part + BLOCK_M * HEAD_DIM + m_rows, cache_modifier=".cg") - m_all)
+                    norm += weight * tl.load(part + BLOCK_M * (HEAD_DIM + 1) + m_rows, cache_modifier=".cg")
+                    acc_z = tl.load(part + m_rows[:, None] * HEAD_DIM + d[None, :], cache_modifier=".cg")
+                    total += weight[:, None] * acc_z
+                norm = tl.where(norm > 0, norm, 1.0)
                 tl.store(out_ptr + out_off, (total / norm[:, None]).to(out_ptr.dtype.element_ty),
                          mask=row_ok[:, None])
             # Write the new rows: a ring keeps only the newest W tokens (distinct rows), a global cache all S.

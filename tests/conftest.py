@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The attention kernel's tests run under Triton's CPU interpreter, which must be chosen before triton is imported
+# (it patches triton.language for the whole process: AOT compiles run in a subprocess, tests/test_attention_ptx.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
