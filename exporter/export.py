@@ -25,7 +25,14 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
-from .export_tensorrt import engine_section, io_tensorrt, save_tensorrt, set_kv_scales, trace_tensorrt
+from .export_tensorrt import (
+    engine_section,
+    io_tensorrt,
+    save_tensorrt,
+    set_kv_scales,
+    trace_tensorrt,
+    workspace_elements,
+)
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
 from .progress import stage
@@ -109,9 +116,9 @@ def _optimize(model: ir.Model) -> None:
     optimizer.optimize(model, onnx_shape_inference=False)
 
 
-def _save_graph(model: ir.Model, path: Path, target: str = "ort") -> None:
+def _save_graph(model: ir.Model, path: Path, target: str = "ort", workspace: int = 0) -> None:
     if target != "ort":
-        save_tensorrt(model, path)
+        save_tensorrt(model, path, workspace)
         return
     _optimize(model)
     proto = ir.to_proto(model)
@@ -229,12 +236,12 @@ def export(
         size = plan.layout(model.graph, work)
         plan.write(checkpoint, work / DATA_FILE, size, what=f"writing {DATA_FILE}")
         with stage("saving decoder.onnx"):
-            _save_graph(model, work / "decoder.onnx", target)
+            _save_graph(model, work / "decoder.onnx", target, workspace_elements(config, max_batch))
 
         def io(file: str, logits: str, images: bool = False) -> dict:
             if target == "ort":
                 return _io(config, file, logits, images)
-            return io_tensorrt(config, file, logits, max_context, precision, kv_scales)
+            return io_tensorrt(config, file, logits, max_context, precision, max_batch, kv_scales)
 
         manifest = {"decoder": io("decoder.onnx", "last")}
         # more graphs over the same weights file, planned identically:
@@ -249,7 +256,7 @@ def export(
                     raise AssertionError(f"{file} planned different weights")
                 if kv_scales:
                     set_kv_scales(variant, kv_scales)
-                _save_graph(variant, work / file, target)
+                _save_graph(variant, work / file, target, workspace_elements(config, max_batch))
             manifest[key] = io(file, logits, images)
         if config.vision is not None:
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",

@@ -9,6 +9,8 @@
   the step holds no image); the plugin applies the bidirectional image groups itself, so no second graph (and no
   second engine holding the same weights) is needed.
 - Compute dtype bf16 by default: Gemma 3's activations overflow fp16 (transformers #36822).
+- Every plugin node takes the graph input `attention_workspace` as an 8th input (the schema's PLUGIN_INPUTS):
+  the kernel's scratch, sized for --max-batch, which the runtime allocates zeroed once.
 - `--kv-cache fp8`: caches typed float8 E4M3FN, each node carrying its layer's calibrated k_scale / v_scale
   (the schema's fp8 option): half the cache bytes, which is what bounds decode at long contexts.
 """
@@ -20,6 +22,7 @@ import onnx_ir as ir
 import torch
 
 from gemma3.graphs.config import Gemma3Config
+from gemma3.plugins import attention_launch
 from gemma3.plugins import attention_schema as schema
 
 from .lower_ort import attention_nodes
@@ -50,10 +53,28 @@ def set_kv_scales(model: ir.Model, scales: list[tuple[float, float]]) -> None:
         node.attributes["v_scale"] = ir.AttrFloat32("v_scale", v_scale)
 
 
-def save_tensorrt(model: ir.Model, path) -> None:
-    """Fold constants and drop dead nodes; no ONNX Runtime fusions (TensorRT fuses norms itself)."""
+def workspace_elements(config: Gemma3Config, max_batch: int) -> int:
+    return attention_launch.workspace_elements(max_batch, config.num_kv_heads, config.head_dim)
+
+
+def add_workspace(model: ir.Model, elements: int) -> None:
+    """The graph input `attention_workspace` [elements] float32, appended to every plugin node's inputs."""
+    workspace = ir.Value(name=schema.WORKSPACE_INPUT, type=ir.TensorType(ir.DataType.FLOAT),
+                         shape=ir.Shape([elements]))
+    model.graph.inputs.append(workspace)
+    for node in attention_nodes(model.graph):
+        if len(node.inputs) != len(schema.INPUTS):
+            raise AssertionError(f"{node.name} has {len(node.inputs)} inputs, not the schema's {len(schema.INPUTS)}")
+        node.resize_inputs(len(schema.PLUGIN_INPUTS))
+        node.replace_input_with(len(schema.INPUTS), workspace)
+
+
+def save_tensorrt(model: ir.Model, path, workspace: int) -> None:
+    """Add the plugin's workspace input, fold constants and drop dead nodes; no ONNX Runtime fusions (TensorRT
+    fuses norms itself)."""
     from onnxscript import optimizer
 
+    add_workspace(model, workspace)
     optimizer.optimize(model, onnx_shape_inference=False)
     proto = ir.to_proto(model)
     proto.ir_version = ONNX_IR_VERSION
@@ -61,7 +82,7 @@ def save_tensorrt(model: ir.Model, path) -> None:
     onnx.save(proto, path)
 
 
-def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, recipe: Recipe,
+def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, recipe: Recipe, max_batch: int,
                 kv_scales: list[tuple[float, float]] = ()) -> dict:
     layers = []
     for i, kind in enumerate(config.layer_types):
@@ -76,7 +97,9 @@ def io_tensorrt(config: Gemma3Config, file: str, logits: str, max_context: int, 
     io = {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
           "past_len_dtype": "int32", "past_len_shape": ["batch"], "logits_output": "logits",
           "logits_dtype": "float32", "cache_dtype": recipe.cache_dtype,
-          "cache_shape": ["batch", config.num_kv_heads, "capacity", config.head_dim], "layers": layers}
+          "cache_shape": ["batch", config.num_kv_heads, "capacity", config.head_dim], "layers": layers,
+          "workspace": {"input": schema.WORKSPACE_INPUT, "dtype": "float32",
+                        "elements": workspace_elements(config, max_batch), "init": "zeros, once"}}
     if config.vision is not None:
         io["image_features"] = "image_features"  # [rows, hidden] in the compute dtype; 0 rows on text steps
     return io

@@ -117,7 +117,7 @@ def _lower_node(b: _Builder, node: ir.Node) -> list[ir.Value]:
     heads, kv_heads, dim = attrs["num_heads"], attrs["num_kv_heads"], attrs["head_dim"]
     scale, window = attrs["scale"], attrs["window"]
     k_scale, v_scale = attrs.get("k_scale", 0.0), attrs.get("v_scale", 0.0)
-    q, k, v, k_cache, v_cache, past_len, groups = node.inputs
+    q, k, v, k_cache, v_cache, past_len, groups = node.inputs[:len(schema.INPUTS)]  # the workspace is the plugin's
     if heads % kv_heads:
         raise ValueError(f"{node.name}: {heads} query heads do not group over {kv_heads} kv heads")
 
@@ -182,5 +182,6 @@ def lower_to_reference(model: ir.Model) -> int:
         raise ValueError(f"the reference lowering needs default-domain opset >= 15, the model imports {version}")
     for index, node in enumerate(nodes):  # traced graphs hold the layers in order
         replace_node(graph, node, _lower_node(_Builder(graph, node, f"layers.{index}.attn.ref"), node))
+    graph.inputs[:] = [v for v in graph.inputs if v.name != schema.WORKSPACE_INPUT]  # only the plugin reads it
     model.opset_imports.pop(schema.ONNX_DOMAIN, None)
     return len(nodes)

@@ -31,6 +31,11 @@ Why the contract looks like this (TensorRT's AOT plugin ABI, ../shared/docs/tens
     as computed (they are not re-read from the cache), only later steps see their fp8 rounding. Half the bytes of
     bf16 per cached token, which is what bounds decode at long contexts; TensorRT's own attention layers have
     no fp8 cache (facts file 3.3). 0 / 0: the cache is in the compute dtype. Softmax runs in fp32.
+  - The plugin node of a TensorRT graph takes one more input, `workspace` (PLUGIN_INPUTS): float32 scratch owned
+    by the runtime, zeroed once, shared by every layer. An AOT plugin launches one kernel and gets no scratch from
+    TensorRT, yet split-K decode needs a reduction and a ring's in-place write must wait for every reader of the
+    old rows; the kernel keeps per-(sequence, kv head) tickets and split partials there
+    (`attention_kernel.py`). The reference and the CPU lowerings ignore it.
 """
 
 from __future__ import annotations
@@ -62,6 +67,11 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("past_len", "[B]", "int32", "tokens already in context before this step, per sequence"),
     TensorSpec("group_ids", "[B, S]", "int32", "-1 for text, image index for image soft tokens"),
 )
+
+# TensorRT graphs only: appended to INPUTS on every plugin node; sized by attention_launch.workspace_elements.
+WORKSPACE = TensorSpec("workspace", "[N]", "float32", "kernel scratch: tickets and split-K partials, zeroed once")
+WORKSPACE_INPUT = "attention_workspace"  # the graph input feeding every node's workspace
+PLUGIN_INPUTS: tuple[TensorSpec, ...] = (*INPUTS, WORKSPACE)
 
 OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("out", "[B, S, num_heads * head_dim]", "float", "attention output, heads concatenated"),

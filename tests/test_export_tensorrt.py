@@ -28,6 +28,7 @@ from gemma3.exporter.recipes import Scheme, recipe
 from gemma3.exporter.tensorrt_on_cpu import CpuSteps
 from gemma3.graphs import load_checkpoint, open_checkpoint
 from gemma3.graphs.config import tiny
+from gemma3.plugins import attention_launch as launch
 from gemma3.plugins import attention_schema as schema
 from tests.hf_reference import prompt_with_images, random_hf_model, save_hf, tiny_multimodal
 
@@ -118,6 +119,11 @@ def test_graph_contract(trt_fp32):
     assert manifest["target"] == "tensorrt" and manifest["engine"]["max_batch"] == 4
     capacities = [layer["capacity"] for layer in manifest["decoder"]["layers"]]
     assert capacities == [config.window(i) or 64 for i in range(config.num_layers)]
+    # the plugin's scratch: one graph input, the 8th input of every node, sized for the max batch
+    workspace = manifest["decoder"]["workspace"]
+    assert all(list(n.input)[len(schema.INPUTS):] == [schema.WORKSPACE_INPUT] for n in nodes)
+    assert [d.dim_value for d in inputs[schema.WORKSPACE_INPUT].shape.dim] == [workspace["elements"]]
+    assert workspace["elements"] == launch.workspace_elements(4, config.num_kv_heads, config.head_dim)
 
 
 @torch.no_grad()
