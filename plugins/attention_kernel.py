@@ -96,9 +96,11 @@ def hybrid_attention_kernel(
         acc = tl.zeros((BLOCK_M, HEAD_DIM), tl.float32)
 
         # Cached rows: [0, min(past, C)) are valid (global: row = position; ring: the newest p < past at p % W).
-        per_split = tl.cdiv(tl.cdiv(C, n_split), BLOCK_N) * BLOCK_N
+        # Splits share the valid rows of this sequence (not the capacity), so a short context still spreads.
+        valid = tl.minimum(past, C)
+        per_split = tl.cdiv(tl.cdiv(valid, n_split), BLOCK_N) * BLOCK_N
         lo = split * per_split
-        hi = tl.minimum(tl.minimum(lo + per_split, C), past)
+        hi = tl.minimum(lo + per_split, valid)
         cache_base = bk.to(tl.int64) * C * HEAD_DIM
         for start in range(lo, hi, BLOCK_N):
             r = start + tl.arange(0, BLOCK_N)
