@@ -12,6 +12,7 @@ that needs global scratch is refused here, and the two trailing pointers are pas
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -39,6 +40,20 @@ class CompiledKernel:
         return self.num_warps * 32
 
 
+def arch_for_capability(major: int, minor: int) -> str:
+    """The PTX target for a GPU: sm_80 PTX serves every Ampere card (8.0-8.7, JIT-compiled forward), sm_89 Ada,
+    sm_90a Hopper (arch-specific: 9.0 only). Other cards are refused rather than run untested PTX."""
+    capability = major * 10 + minor
+    if 80 <= capability < 89:
+        return "sm_80"
+    if capability == 89:
+        return "sm_89"
+    if capability == 90:
+        return "sm_90a"
+    raise ValueError(f"compute capability {major}.{minor}: the attention plugin is built and checked for sm_80, "
+                     "sm_89 and sm_90a (Ampere, Ada, Hopper)")
+
+
 def entry_params(ptx: str) -> tuple[str, ...]:
     """The parameter types of the PTX's single `.entry`, e.g. ('u64', 'u64', 'u32', ...)."""
     entries = re.findall(r"\.entry\s+\w+\s*\(([^)]*)\)", ptx)
@@ -60,6 +75,7 @@ def check_triton() -> None:
                            f"{TRITON_VERSION} (pip install triton=={TRITON_VERSION})")
 
 
+@functools.cache  # TensorRT asks once per layer; layers share their attributes (local / global)
 def compile_kernel(attrs: launch.Attributes, dtype: str, cache_dtype: str, tactic: launch.Tactic,
                    arch: str) -> CompiledKernel:
     """PTX of the kernel for one architecture (no GPU needed), refused unless its ABI is the plugin's."""
