@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench clean
+.PHONY: setup test lint demo bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# The attention kernel on this machine's NVIDIA GPU (exit 2 without one): bench/results/gpu-check.json.
+gpu-check:
+	$(PY) -m bench.gpu
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,6 +7,10 @@
     chat = model.chat(system="Answer briefly.")
     chat.send("Name a prime.")  # prefills the whole template
     chat.send("Another one?")  # prefills only `<end_of_turn>\\n<start_of_turn>user\\n...`: the cache is kept
+
+The backend follows the folder: `--target ort` exports run on ONNX Runtime (OrtDecoder); `--target tensorrt`
+exports run the engines `gemma3-build` wrote into MODEL_DIR/engines (runtime/tensorrt/). Both offer the same
+decoder interface (new_cache, step, prefill, chunks), which is all that generation, chat and images use.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -26,13 +30,21 @@ from gemma3.runtime.kv_cache import KVCache
 from gemma3.runtime.manifest import Manifest, ManifestError, load_manifest, require_file
 from gemma3.runtime.ort_decoder import DEFAULT_CHUNK, OrtDecoder
 from gemma3.runtime.sampling import SamplingParams, make_rng
+from gemma3.runtime.tensorrt.engines import import_backend, read_engines
 from gemma3.runtime.tokenizer import Tokenizer
 from gemma3.runtime.vision import ImageInput, ImagePrompt, OrtVision, encode_images
+
+if TYPE_CHECKING:
+    from gemma3.runtime.tensorrt.decoder import TensorRTDecoder
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
 Prompt = str | Sequence[Message]
+
+
+class Vision(Protocol):
+    def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, list[float]]: ...
 
 
 @dataclass
@@ -89,20 +101,24 @@ class Stream:
 
 
 class Model:
-    """An exported model on ONNX Runtime: its manifest, tokenizer and decoder session."""
+    """An exported model: its manifest, tokenizer and decoder (OrtDecoder, or TensorRTDecoder for engines).
+    `vision`: makes the image encoder on first use (default: the ONNX Runtime vision graph)."""
 
-    def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: OrtDecoder) -> None:
+    def __init__(self, manifest: Manifest, tokenizer: Tokenizer, decoder: OrtDecoder | TensorRTDecoder,
+                 vision: Callable[[], Vision] | None = None) -> None:
         self.manifest, self.tokenizer, self.decoder = manifest, tokenizer, decoder
+        self._make_vision = vision
         known = {f.name for f in fields(SamplingParams)}
         shipped = {k: v for k, v in manifest.generation_defaults.items() if k in known}
         if "top_k" in shipped:
             shipped["top_k"] = int(shipped["top_k"])
         self.defaults = SamplingParams().updated(shipped)
-        self._vision: OrtVision | None = None
+        self._vision: Vision | None = None
 
     @property
     def sees_images(self) -> bool:
-        return self.manifest.vision is not None and self.manifest.image_decoder is not None
+        m = self.manifest  # ort: a separate image graph; tensorrt: the one decoder takes image_features
+        return m.vision is not None and (m.image_decoder is not None or m.decoder.image_features is not None)
 
     def encode_images(self, images: Sequence[ImageInput] | ImagePrompt, pan_and_scan: bool = False,
                       max_crops: int = 4, **pan_and_scan_options: Any) -> ImagePrompt:
@@ -112,6 +128,8 @@ class Model:
             return images
         if not self.sees_images:
             raise ValueError(f"the {self.manifest.model.name} model is text-only: it cannot take images")
+        if self._vision is None and self._make_vision is not None:
+            self._vision = self._make_vision()
         if self._vision is None:
             from gemma3.runtime.ort_decoder import session_options
 
@@ -237,18 +255,29 @@ class ChatSession:
         return self.stream(text, max_new_tokens, **sampling).consume()
 
 
-def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: int = DEFAULT_CHUNK) -> Model:
-    """Open an exported model folder (manifest.json, decoder.onnx, tokenizer.model) for generation."""
+def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: int | None = None) -> Model:
+    """Open an exported model folder (manifest.json, decoder.onnx, tokenizer.model) for generation.
+
+    ort folders run on ONNX Runtime (`threads`; `chunk_size` prompt tokens per step, default 256); tensorrt folders
+    run their engines from MODEL_DIR/engines (`chunk_size` defaults to the engines' max_chunk, and cannot exceed
+    it). A tensorrt folder without engines, or without tensorrt / cuda-python installed, is refused in one line."""
     manifest = load_manifest(model_dir)
-    if manifest.target != "ort":
-        raise ManifestError(f"{manifest.root} was exported for target {manifest.target!r}; this runtime runs 'ort'")
+    engines = None
+    if manifest.target == "tensorrt":
+        engines = read_engines(manifest.root)  # one line if there are none: build them with gemma3-build
+        import_backend(engines)  # before anything slow: one line if tensorrt or cuda-python is missing
     tokenizer = Tokenizer.from_file(require_file(manifest.tokenizer, "tokenizer model"))
     if tokenizer.vocab_size > manifest.model.vocab_size:
         raise ManifestError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {manifest.model.vocab_size} rows"
         )
-    decoder = OrtDecoder(manifest, threads=threads, chunk_size=chunk_size)
-    return Model(manifest, tokenizer, decoder)
+    if engines is None:
+        decoder = OrtDecoder(manifest, threads=threads, chunk_size=DEFAULT_CHUNK if chunk_size is None else chunk_size)
+        return Model(manifest, tokenizer, decoder)
+    from gemma3.runtime.tensorrt.decoder import TensorRTDecoder
+
+    trt_decoder = TensorRTDecoder(manifest, engines, chunk_size=chunk_size)
+    return Model(manifest, tokenizer, trt_decoder, vision=trt_decoder.vision)
 
 
 def sampling_overrides(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,10 @@
 The exporter writes it next to `decoder.onnx` and `tokenizer.model`; the runtime reads nothing else to know
 the model's shape, the graph's input/output names and the cache layout. Every problem is reported as a
 `ManifestError` naming the folder and the offending key, so command-line tools can print one clear line.
+
+Two targets: "ort" folders run on ONNX Runtime; "tensorrt" folders hold the graphs `gemma3-build` turns into
+engines (runtime/tensorrt/), with batched IO (past_len [B] int32), fixed caches (local: a ring of exactly W rows,
+global: max_context rows), one decoder graph for text and image steps, and the plugin's workspace input.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ FORMAT_VERSION = 1  # the manifest layout this runtime reads
 MANIFEST_FILE = "manifest.json"
 LOCAL, GLOBAL = "local", "global"  # layer kinds, as in gemma3.graphs.config (not imported: no torch here)
 CACHE_DTYPES = ("float32", "float16")  # numpy names of the cache element types the runtime can allocate
+TARGETS = ("ort", "tensorrt")
+# cache element types of tensorrt-target graphs: on the GPU only, so numpy need not know them
+TENSORRT_CACHE_DTYPES = ("float32", "float16", "bfloat16", "float8e4m3fn")
 
 
 class ManifestError(ValueError):
@@ -40,6 +47,7 @@ class ModelInfo:
     image_token_id: int | None = None  # None for text-only exports
     boi_token_id: int | None = None  # <start_of_image>
     eoi_token_id: int | None = None  # <end_of_image>
+    hidden_size: int | None = None  # width of the image_features rows (tensorrt multimodal exports need it)
     config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
 
@@ -50,10 +58,20 @@ class LayerCache:
     kind: str  # LOCAL or GLOBAL
     window: int  # W for local layers, 0 for global layers
     capacity: int | None  # fixed rows of a local cache (>= window); None: the runtime sizes global caches
+    # (tensorrt: rows of every cache, window or max_context, fixed by the graph contract)
     past_key: str
     past_value: str
     present_key: str
     present_value: str
+
+
+@dataclass(frozen=True)
+class WorkspaceSpec:
+    """tensorrt graphs: the attention plugin's scratch input, float32 [elements], zeroed once by the runtime."""
+
+    input: str
+    dtype: str
+    elements: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +86,8 @@ class DecoderSpec:
     cache_dtype: str  # numpy dtype name of every cache tensor
     layers: tuple[LayerCache, ...]
     image_features: str | None = None  # float32 [rows, hidden]: the image graph's soft-token rows
+    past_len_dtype: str = "int64"  # ort: an int64 scalar; tensorrt: int32 [batch]
+    workspace: WorkspaceSpec | None = None  # tensorrt only
 
 
 @dataclass(frozen=True)
@@ -87,7 +107,7 @@ class Manifest:
     format_version: int
     model: ModelInfo
     precision: str  # "fp32", "int4", ...
-    target: str  # "ort" for this runtime
+    target: str  # "ort" (ONNX Runtime) or "tensorrt" (graphs for `gemma3-build`'s engines)
     max_context: int  # the longest conversation (prompt + generated tokens) the export supports
     decoder: DecoderSpec
     eval_decoder: DecoderSpec | None  # all-position logits, for perplexity; optional
@@ -97,6 +117,8 @@ class Manifest:
     generation_defaults: dict[str, float]  # sampling defaults shipped with the checkpoint
     source: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, Any] = field(default_factory=dict)
+    compute_dtype: str = "float32"  # activations of the graphs (tensorrt: bfloat16 by default)
+    max_batch: int = 1  # tensorrt: the most sequences one step serves (what the workspace is sized for)
 
 
 class _Reader:
@@ -130,7 +152,7 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
-def _layer(r: _Reader, d: dict[str, Any], path: str) -> LayerCache:
+def _layer(r: _Reader, d: dict[str, Any], path: str, tensorrt: bool = False, max_context: int = 0) -> LayerCache:
     kind = r.get(d, "kind", path, str)
     if kind not in (LOCAL, GLOBAL):
         raise r.fail(f"'{path}.kind' must be '{LOCAL}' or '{GLOBAL}', got {kind!r}")
@@ -142,20 +164,35 @@ def _layer(r: _Reader, d: dict[str, Any], path: str) -> LayerCache:
         if capacity is None or capacity < window:
             raise r.fail(f"'{path}.capacity' of a local layer must be an integer >= its window {window}")
     names = {k: r.get(d, k, path, str) for k in ("past_key", "past_value", "present_key", "present_value")}
+    if tensorrt:  # the plugin's layouts: a ring of exactly W rows, or one row per position of the context
+        rows = window if kind == LOCAL else max_context
+        if capacity != rows:
+            raise r.fail(f"'{path}.capacity' of a tensorrt {kind} layer must be {rows}, got {capacity}")
+        return LayerCache(kind=kind, window=window if kind == LOCAL else 0, capacity=rows, **names)
     return LayerCache(kind=kind, window=window, capacity=capacity if kind == LOCAL else None, **names)
 
 
-def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: int) -> DecoderSpec:
+def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: int, target: str = "ort",
+             max_context: int = 0) -> DecoderSpec:
     file = root / r.get(d, "file", path, str)
     logits = r.get(d, "logits", path, str)
     if logits not in ("last", "all"):
         raise r.fail(f"'{path}.logits' must be 'last' or 'all', got {logits!r}")
     cache_dtype = r.get(d, "cache_dtype", path, str)
-    if cache_dtype not in CACHE_DTYPES:
-        raise r.fail(f"'{path}.cache_dtype' {cache_dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+    tensorrt = target == "tensorrt"
+    allowed = TENSORRT_CACHE_DTYPES if tensorrt else CACHE_DTYPES
+    if cache_dtype not in allowed:
+        raise r.fail(f"'{path}.cache_dtype' {cache_dtype!r} is not one of {', '.join(allowed)}")
     layers = r.get(d, "layers", path, list)
     if len(layers) != num_layers:
         raise r.fail(f"'{path}.layers' lists {len(layers)} layers, the model has {num_layers}")
+    extra: dict[str, Any] = {}
+    if tensorrt:
+        past_len_dtype = r.get(d, "past_len_dtype", path, str)
+        if past_len_dtype != "int32":
+            raise r.fail(f"'{path}.past_len_dtype' of a tensorrt graph must be 'int32', got {past_len_dtype!r}")
+        extra["past_len_dtype"] = past_len_dtype
+        extra["workspace"] = _workspace(r, r.get(d, "workspace", path, dict), f"{path}.workspace")
     return DecoderSpec(
         file=file,
         logits=logits,
@@ -163,9 +200,21 @@ def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: i
         past_len=r.get(d, "past_len", path, str),
         logits_output=r.get(d, "logits_output", path, str),
         cache_dtype=cache_dtype,
-        layers=tuple(_layer(r, layer, f"{path}.layers[{i}]") for i, layer in enumerate(layers)),
+        layers=tuple(_layer(r, layer, f"{path}.layers[{i}]", tensorrt, max_context)
+                     for i, layer in enumerate(layers)),
         image_features=r.get(d, "image_features", path, str, optional=True),
+        **extra,
     )
+
+
+def _workspace(r: _Reader, d: dict[str, Any], path: str) -> WorkspaceSpec:
+    dtype = r.get(d, "dtype", path, str)
+    if dtype != "float32":
+        raise r.fail(f"'{path}.dtype' must be 'float32', got {dtype!r}")
+    elements = r.get(d, "elements", path, int)
+    if elements < 1:
+        raise r.fail(f"'{path}.elements' must be positive, got {elements}")
+    return WorkspaceSpec(input=r.get(d, "input", path, str), dtype=dtype, elements=elements)
 
 
 def _vision(r: _Reader, root: Path, d: dict[str, Any]) -> VisionSpec:
@@ -188,6 +237,7 @@ def _model(r: _Reader, d: dict[str, Any]) -> ModelInfo:
     return ModelInfo(
         name=str(d.get("name", "custom")),
         image_token_id=r.get(d, "image_token_id", "model", int, optional=True),
+        hidden_size=r.get(d, "hidden_size", "model", int, optional=True),
         boi_token_id=r.get(d, "boi_token_id", "model", int, optional=True),
         eoi_token_id=r.get(d, "eoi_token_id", "model", int, optional=True),
         config=dict(d),
@@ -214,10 +264,8 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     if version != FORMAT_VERSION:
         raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
     target = r.get(data, "target", "", str)
-    if target != "ort":
-        raise r.fail(f"target {target!r}: this folder holds graphs for TensorRT engines, which this runtime "
-                     "cannot run on ONNX Runtime; export with --target ort (gemma3.exporter.tensorrt_on_cpu "
-                     "evaluates tensorrt graphs on the CPU)")
+    if target not in TARGETS:
+        raise r.fail(f"target {target!r} is not one this runtime runs ({', '.join(TARGETS)})")
     model = _model(r, r.get(data, "model", "", dict))
     max_context = r.get(data, "max_context", "", int)
     if max_context < 2:
@@ -225,10 +273,27 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     eval_dict = r.get(data, "eval_decoder", "", dict, optional=True)
     image_dict = r.get(data, "image_decoder", "", dict, optional=True)
     vision_dict = r.get(data, "vision", "", dict, optional=True)
-    if (image_dict is None) != (vision_dict is None):
+    decoder_dict = r.get(data, "decoder", "", dict)
+    if target == "tensorrt":  # one decoder graph serves text and image steps: image_features on every step
+        if image_dict is not None:
+            raise r.fail("'image_decoder' is not part of a tensorrt export (its decoder takes image_features)")
+        if (vision_dict is None) != (decoder_dict.get("image_features") is None):
+            raise r.fail("'vision' and 'decoder.image_features' come together (a multimodal export has both)")
+        if vision_dict is not None and model.hidden_size is None:
+            raise r.fail("missing key 'model.hidden_size'")  # the width of image_features rows
+    elif (image_dict is None) != (vision_dict is None):
         raise r.fail("'image_decoder' and 'vision' come together (a multimodal export has both)")
     if image_dict is not None and not image_dict.get("image_features"):
         raise r.fail("'image_decoder.image_features' is missing")
+    max_batch = 1
+    if target == "tensorrt":
+        max_batch = r.get(data, "max_batch", "", int)
+        if max_batch < 1:
+            raise r.fail(f"'max_batch' must be at least 1, got {max_batch}")
+
+    def decoder(d: dict[str, Any], path: str) -> DecoderSpec:
+        return _decoder(r, root, d, path, model.num_layers, target, max_context)
+
     defaults = r.get(data, "generation_defaults", "", dict, optional=True) or {}
     for k, v in defaults.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
@@ -240,14 +305,16 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         precision=r.get(data, "precision", "", str),
         target=target,
         max_context=max_context,
-        decoder=_decoder(r, root, r.get(data, "decoder", "", dict), "decoder", model.num_layers),
-        eval_decoder=None if eval_dict is None else _decoder(r, root, eval_dict, "eval_decoder", model.num_layers),
-        image_decoder=None if image_dict is None else _decoder(r, root, image_dict, "image_decoder", model.num_layers),
+        decoder=decoder(decoder_dict, "decoder"),
+        eval_decoder=None if eval_dict is None else decoder(eval_dict, "eval_decoder"),
+        image_decoder=None if image_dict is None else decoder(image_dict, "image_decoder"),
         vision=None if vision_dict is None else _vision(r, root, vision_dict),
         tokenizer=root / r.get(data, "tokenizer", "", str),
         generation_defaults=dict(defaults),
         source=r.get(data, "source", "", dict, optional=True) or {},
         versions=r.get(data, "versions", "", dict, optional=True) or {},
+        compute_dtype=r.get(data, "compute_dtype", "", str, optional=True) or "float32",
+        max_batch=max_batch,
     )
 
 
