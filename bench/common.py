@@ -178,6 +178,34 @@ def measure_speed(
     }
 
 
+def measure_native(run: Callable[[], tuple[float, float, list[int]]], prompt_tokens: int,
+                   repeats: int = REPEATS) -> dict[str, Any]:
+    """A peer's own generation loop, as its users run it: `run()` generates from the prompt with the system's own
+    greedy selection and detokenization and returns (seconds to the first token, seconds for the tokens after
+    it, all generated ids). One warm-up, then `repeats` timed runs; medians."""
+    first_s: list[float] = []
+    rest_s: list[float] = []
+    tokens: list[int] = []
+    busy0, own0 = _cpu_ticks()
+    wall0 = time.perf_counter()
+    for index in range(repeats + 1):
+        first, rest, tokens = run()
+        if index:
+            first_s.append(first)
+            rest_s.append(rest)
+    busy1, own1 = _cpu_ticks()
+    capacity = (time.perf_counter() - wall0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    foreign = max(0, (busy1 - busy0) - (own1 - own0)) / capacity if capacity > 0 else 0.0
+    return {
+        "prefill_tok_s": prompt_tokens / statistics.median(first_s),
+        "decode_tok_s": (len(tokens) - 1) / statistics.median(rest_s),
+        "first_token_s": first_s,
+        "decode_s": rest_s,
+        "greedy_tokens": tokens,
+        "foreign_cpu_share": round(foreign, 3),
+    }
+
+
 def child_main(modes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> None:
     """Entry point of a child: `python -m bench.peer_x MODE job.json out.json`."""
     mode, job_path, out_path = sys.argv[1:4]

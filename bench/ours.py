@@ -1,6 +1,9 @@
 """Our exports of the same GGUF, measured like the peers: one child for speed, one for perplexity.
 
-python -m bench.ours {speed|ppl} job.json out.json     (children; the parent side is `entry(precision)`)
+python -m bench.ours {speed|native|ppl} job.json out.json     (children; the parent side is `entry(precision)`)
+
+`native` is the public API as users run it (`load(dir).stream(...)`: sampling, detokenization, stats);
+`speed` is the raw step loop (OrtDecoder.step + argmax), the same harness the peers get.
 
 The export is made once per precision with `gemma3-export` and cached under the bench cache folder; the children
 import only gemma3.runtime (no torch), as a serving box would.
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import THREADS, cache_root, child_main, measure_speed, run_child
+from bench.common import DECODE_TOKENS, THREADS, cache_root, child_main, measure_native, measure_speed, run_child
 from bench.peers import merge
 
 PRECISIONS = ("fp32", "int8", "int8-head4", "int8-head4-fast", "int4-mixed", "int4", "int4-full")
@@ -97,6 +100,34 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def native(job: dict[str, Any]) -> dict[str, Any]:
+    from gemma3.runtime.api import load
+
+    t0 = time.perf_counter()
+    model = load(job["model_dir"], threads=THREADS)
+    load_s = time.perf_counter() - t0
+    prompt = job["prompt"]
+    text = model.tokenizer.decode(prompt[1:])  # the API takes text: the same ids back (checked below)
+    same_ids = model.prompt_ids(text, raw=True) == prompt
+
+    def run() -> tuple[float, float, list[int]]:
+        stream = model.stream(text, raw=True, max_new_tokens=DECODE_TOKENS + 1, temperature=0)
+        t0 = time.perf_counter()
+        t1 = t0
+        tokens = []
+        for piece in stream:
+            if piece.token_id is None:
+                continue
+            tokens.append(piece.token_id)
+            if len(tokens) == 1:
+                t1 = time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+    out = measure_native(run, len(prompt))
+    out.update(load_s=load_s, prompt_ids_identical=same_ids)
+    return out
+
+
 def ppl(job: dict[str, Any]) -> dict[str, Any]:
     from gemma3.runtime.evaluate import window_nll
     from gemma3.runtime.manifest import load_manifest
@@ -114,4 +145,4 @@ def ppl(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    child_main({"speed": speed, "ppl": ppl})
+    child_main({"speed": speed, "native": native, "ppl": ppl})

@@ -1,8 +1,9 @@
 """Child: onnxruntime-genai on the model its builder made (int4, block 32; see bench/genai_build.py).
 
-    python -m bench.peer_genai {speed|ppl} job.json out.json
+    python -m bench.peer_genai {speed|native|ppl} job.json out.json
 
-job["model_dir"] is the builder's output folder.
+job["model_dir"] is the builder's output folder. `native` is genai as its users run it (`generate_next_token`,
+greedy inside genai, a tokenizer stream per token); `speed` is the shared harness (our argmax on its logits).
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import THREADS, child_main, measure_speed, perplexity_module, score_windows
+from bench.common import (
+    DECODE_TOKENS,
+    THREADS,
+    child_main,
+    measure_native,
+    measure_speed,
+    perplexity_module,
+    score_windows,
+)
 
 SPEED_MAX_LENGTH = 1024  # >= the 512 window: genai's windowed cache refuses a shorter max_length
 PPL_MAX_LENGTH = 1040  # one window is 1025 tokens
@@ -55,6 +64,37 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def native(job: dict[str, Any]) -> dict[str, Any]:
+    import onnxruntime_genai as og
+
+    model, load_s = _load(job["model_dir"])
+    tokenizer = og.Tokenizer(model)
+    prompt = job["prompt"]
+    total = len(prompt) + DECODE_TOKENS + 1  # the prompt, the first token, then DECODE_TOKENS more
+
+    def run() -> tuple[float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        # min_length = max_length: eos does not end the run early, every system decodes the same count
+        params.set_search_options(max_length=max(total, SPEED_MAX_LENGTH), min_length=total, do_sample=False)
+        generator, stream = og.Generator(model, params), tokenizer.create_stream()
+        t0 = time.perf_counter()
+        generator.append_tokens(prompt)  # runs the prompt
+        tokens = []
+        t1 = t0
+        while len(tokens) < DECODE_TOKENS + 1:
+            generator.generate_next_token()
+            token = int(generator.get_next_tokens()[0])
+            stream.decode(token)
+            tokens.append(token)
+            if len(tokens) == 1:
+                t1 = time.perf_counter()
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+    out = measure_native(run, len(prompt))
+    out["load_s"] = load_s
+    return out
+
+
 def ppl(job: dict[str, Any]) -> dict[str, Any]:
     import onnxruntime_genai as og
 
@@ -72,4 +112,4 @@ def ppl(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    child_main({"speed": speed, "ppl": ppl})
+    child_main({"speed": speed, "native": native, "ppl": ppl})

@@ -1,6 +1,9 @@
 """Child: llama.cpp through llama-cpp-python on the GGUF as shipped (Q4_K_M). Runs in the peers venv.
 
-    <peers-venv>/bin/python -m bench.peer_llamacpp {speed|ppl} job.json out.json
+    <peers-venv>/bin/python -m bench.peer_llamacpp {speed|native|ppl} job.json out.json
+
+`native` is llama-cpp-python as its users run it: its own `generate` (eval + sample loop, temperature 0 = greedy)
+and `detokenize` per token; `speed` is the shared harness (our argmax on its logits).
 
 Imports numpy, llama_cpp and the stdlib only (this project is not installed in that venv).
 """
@@ -13,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import THREADS, child_main, measure_speed, perplexity_module, score_windows
+from bench.common import (
+    DECODE_TOKENS,
+    THREADS,
+    child_main,
+    measure_native,
+    measure_speed,
+    perplexity_module,
+    score_windows,
+)
 
 SPEED_CTX = 1024  # prompt 512 + 129 decoded tokens fit
 PPL_CTX = 1040  # one window is 1025 tokens
@@ -53,6 +64,29 @@ def speed(job: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def native(job: dict[str, Any]) -> dict[str, Any]:
+    llm, load_s = _load(job["gguf"], SPEED_CTX, n_batch=512, logits_all=False)
+    prompt = job["prompt"]
+
+    def run() -> tuple[float, float, list[int]]:
+        llm.reset()
+        tokens: list[int] = []
+        t0 = time.perf_counter()
+        t1 = t0
+        for token in llm.generate(prompt, temp=0.0, reset=True):  # never stops on its own: we stop it
+            llm.detokenize([token])
+            tokens.append(int(token))
+            if len(tokens) == 1:
+                t1 = time.perf_counter()
+            if len(tokens) == DECODE_TOKENS + 1:
+                break
+        return t1 - t0, time.perf_counter() - t1, tokens
+
+    out = measure_native(run, len(prompt))
+    out["load_s"] = load_s
+    return out
+
+
 def ppl(job: dict[str, Any]) -> dict[str, Any]:
     llm, load_s = _load(job["gguf"], PPL_CTX, n_batch=PPL_CTX, logits_all=True)
     ids = job["eval_ids"]
@@ -69,4 +103,4 @@ def ppl(job: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    child_main({"speed": speed, "ppl": ppl})
+    child_main({"speed": speed, "native": native, "ppl": ppl})
