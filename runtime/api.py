@@ -25,14 +25,21 @@ import numpy as np
 
 from gemma3.runtime.chat import Message, next_user_turn_ids, raw_prompt_ids, render_chat
 from gemma3.runtime.generate import GenerationStats, Piece, check_prompt, generate
-from gemma3.runtime.images import BOI_TOKEN
+from gemma3.runtime.images import BOI_TOKEN, as_image_list
 from gemma3.runtime.kv_cache import KVCache
-from gemma3.runtime.manifest import Manifest, ManifestError, load_manifest, require_file
+from gemma3.runtime.manifest import (
+    MANIFEST_FILE,
+    Manifest,
+    ManifestError,
+    check_files,
+    load_manifest,
+    require_file,
+)
 from gemma3.runtime.ort_decoder import DEFAULT_CHUNK, OrtDecoder
 from gemma3.runtime.sampling import SamplingParams, make_rng
 from gemma3.runtime.tensorrt.engines import import_backend, read_engines
-from gemma3.runtime.tokenizer import Tokenizer
-from gemma3.runtime.vision import ImageInput, ImagePrompt, OrtVision, encode_images
+from gemma3.runtime.tokenizer import Tokenizer, TokenizerError
+from gemma3.runtime.vision import ImagePrompt, Images, OrtVision, encode_images
 
 if TYPE_CHECKING:
     from gemma3.runtime.tensorrt.decoder import TensorRTDecoder
@@ -41,6 +48,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 512
 Prompt = str | Sequence[Message]
+ImagesArg = Images | ImagePrompt | None  # one image, a list of them, or already encoded ones
 
 
 class Vision(Protocol):
@@ -110,9 +118,13 @@ class Model:
         self._make_vision = vision
         known = {f.name for f in fields(SamplingParams)}
         shipped = {k: v for k, v in manifest.generation_defaults.items() if k in known}
-        if "top_k" in shipped:
-            shipped["top_k"] = int(shipped["top_k"])
-        self.defaults = SamplingParams().updated(shipped)
+        for k in ("top_k", "seed"):  # JSON writers may give integers as 64.0
+            if isinstance(shipped.get(k), float) and shipped[k].is_integer():
+                shipped[k] = int(shipped[k])
+        try:
+            self.defaults = SamplingParams().updated(shipped)
+        except ValueError as e:  # a manifest's own defaults: name the file, like every other manifest problem
+            raise ManifestError(f"{manifest.root / MANIFEST_FILE}: 'generation_defaults': {e}") from None
         self._vision: Vision | None = None
 
     @property
@@ -120,10 +132,10 @@ class Model:
         m = self.manifest  # ort: a separate image graph; tensorrt: the one decoder takes image_features
         return m.vision is not None and (m.image_decoder is not None or m.decoder.image_features is not None)
 
-    def encode_images(self, images: Sequence[ImageInput] | ImagePrompt, pan_and_scan: bool = False,
+    def encode_images(self, images: Images | ImagePrompt, pan_and_scan: bool = False,
                       max_crops: int = 4, **pan_and_scan_options: Any) -> ImagePrompt:
-        """Images (paths or PIL images) -> their features, via Pan & Scan and the vision graph. Already
-        encoded images pass through, so one encoding can serve several prompts."""
+        """Images (one path or PIL image, or a list of them) -> their features, via Pan & Scan and the vision
+        graph. Already encoded images pass through, so one encoding can serve several prompts."""
         if isinstance(images, ImagePrompt):
             return images
         if not self.sees_images:
@@ -135,6 +147,13 @@ class Model:
 
             self._vision = OrtVision(self.manifest, session_options(self.decoder.threads))
         return encode_images(self._vision, self.manifest, images, pan_and_scan, max_crops, **pan_and_scan_options)
+
+    def _encoded(self, images: ImagesArg, pan_and_scan: bool, max_crops: int) -> ImagePrompt | None:
+        """The prompt's images encoded, or None when there are none (None, (), [])."""
+        if isinstance(images, ImagePrompt):
+            return images
+        listed = as_image_list(images)  # a single path or image is one image; a clear error for anything else
+        return self.encode_images(listed, pan_and_scan, max_crops) if listed else None
 
     def sampling(self, **overrides: Any) -> SamplingParams:
         """The checkpoint's sampling defaults with `overrides` applied (None values keep the default)."""
@@ -179,17 +198,20 @@ class Model:
         return Stream(pieces, stats, on_done)
 
     def stream(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] | ImagePrompt = (),
+               max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: ImagesArg = (),
                pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
         """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`.
-        `images`: paths or PIL images, placed at the prompt's `<start_of_image>` markers (or in front)."""
+        `images`: a path or PIL image, or a list of them, placed at the prompt's `<start_of_image>` markers (or in
+        front)."""
         params = self.sampling(**sampling)
-        encoded = self.encode_images(images, pan_and_scan, max_crops) if images else None
+        encoded = self._encoded(images, pan_and_scan, max_crops)
+        if isinstance(prompt, str) and not prompt.strip() and encoded is None:
+            raise ValueError("the prompt is empty: give some text (or an image) to respond to")
         ids = self.prompt_ids(prompt, system, raw, encoded)
         return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens, images=encoded)
 
     def generate(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
-                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: Sequence[ImageInput] | ImagePrompt = (),
+                 max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: ImagesArg = (),
                  pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Result:
         return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, images=images,
                            pan_and_scan=pan_and_scan, max_crops=max_crops, **sampling).consume()
@@ -216,7 +238,7 @@ class ChatSession:
         if self.system is not None:
             self.messages.append({"role": "system", "content": self.system})
 
-    def stream(self, text: str, max_new_tokens: int | None = None, images: Sequence[ImageInput] | ImagePrompt = (),
+    def stream(self, text: str, max_new_tokens: int | None = None, images: ImagesArg = (),
                pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
         """Send a user message (with `images` at its `<start_of_image>` markers, or in front); iterate the
         returned `Stream` for the reply's text pieces."""
@@ -224,7 +246,9 @@ class ChatSession:
             raise RuntimeError("iterate the previous reply's stream to its end before sending another message")
         params = self.params.updated(sampling)
         rng = make_rng(params.seed) if "seed" in sampling else self._rng
-        encoded = self.model.encode_images(images, pan_and_scan, max_crops) if images else None
+        encoded = self.model._encoded(images, pan_and_scan, max_crops)
+        if not text.strip() and encoded is None:
+            raise ValueError("the message is empty: give some text (or an image)")
         tok = self.model.tokenizer if encoded is None else encoded.encoder(self.model.tokenizer)
         if encoded is not None and BOI_TOKEN not in text:
             text = BOI_TOKEN * len(encoded.crops) + text
@@ -262,11 +286,12 @@ def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: i
     run their engines from MODEL_DIR/engines (`chunk_size` defaults to the engines' max_chunk, and cannot exceed
     it). A tensorrt folder without engines, or without tensorrt / cuda-python installed, is refused in one line."""
     manifest = load_manifest(model_dir)
+    check_files(manifest)  # ort: every graph, weights file and the tokenizer, before anything is loaded
     engines = None
     if manifest.target == "tensorrt":
         engines = read_engines(manifest.root)  # one line if there are none: build them with gemma3-build
         import_backend(engines)  # before anything slow: one line if tensorrt or cuda-python is missing
-    tokenizer = Tokenizer.from_file(require_file(manifest.tokenizer, "tokenizer model"))
+    tokenizer = load_tokenizer(manifest)
     if tokenizer.vocab_size > manifest.model.vocab_size:
         raise ManifestError(
             f"the tokenizer has {tokenizer.vocab_size} pieces but the model only {manifest.model.vocab_size} rows"
@@ -278,6 +303,14 @@ def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: i
 
     trt_decoder = TensorRTDecoder(manifest, engines, chunk_size=chunk_size)
     return Model(manifest, tokenizer, trt_decoder, vision=trt_decoder.vision)
+
+
+def load_tokenizer(manifest: Manifest) -> Tokenizer:
+    """The folder's tokenizer.model; a corrupt one is a `ManifestError` naming the file, like a missing one."""
+    try:
+        return Tokenizer.from_file(require_file(manifest.tokenizer, "tokenizer model"))
+    except TokenizerError as e:
+        raise ManifestError(str(e)) from None
 
 
 def sampling_overrides(values: Mapping[str, Any]) -> dict[str, Any]:

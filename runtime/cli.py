@@ -19,6 +19,7 @@ from typing import TextIO
 from gemma3.runtime.api import DEFAULT_MAX_NEW_TOKENS, ChatSession, Model, Result, Stream, load, sampling_overrides
 from gemma3.runtime.kv_cache import ContextLengthError
 from gemma3.runtime.manifest import ManifestError
+from gemma3.runtime.sampling import SamplingParams
 
 log = logging.getLogger("gemma3.runtime.cli")
 PROG = "gemma3-run"
@@ -134,8 +135,26 @@ def _chat_loop(session: ChatSession, first: str | None, inp: TextIO, out: TextIO
         attached = []
 
 
+def _read_prompt(args: argparse.Namespace) -> str:
+    """-p TEXT, or stdin; an empty one (or only whitespace) is refused unless images stand for the prompt."""
+    prompt = args.prompt
+    source = "-p"
+    if prompt is None:
+        if sys.stdin.isatty():
+            raise ValueError("give a prompt with -p TEXT (or on stdin), or use --chat")
+        try:
+            prompt, source = sys.stdin.read(), "stdin"
+        except UnicodeDecodeError as e:  # binary input: say where it came from
+            raise ValueError(f"stdin is not UTF-8 text ({e})") from None
+    if not prompt.strip() and not args.image:
+        raise ValueError(f"the prompt is empty ({source} gave no text): give some text with -p TEXT or on stdin")
+    return prompt
+
+
 def _run(args: argparse.Namespace) -> int:
     sampling = sampling_overrides({k: getattr(args, k) for k in vars(args)})
+    SamplingParams().updated(sampling)  # nan, inf, out-of-range or negative values: one line before the slow load
+    prompt = None if args.chat else _read_prompt(args)  # also before the load: no model just to say "no prompt"
     model: Model = load(args.model, threads=args.threads)
     if (args.image or args.pan_and_scan) and not model.sees_images:
         raise ValueError(f"the {model.manifest.model.name} model is text-only: it cannot take images "
@@ -145,11 +164,7 @@ def _run(args: argparse.Namespace) -> int:
         session = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
         _chat_loop(session, args.prompt, sys.stdin, sys.stdout, args.json, args.image, **image_options)
         return 0
-    prompt = args.prompt
-    if prompt is None:
-        if sys.stdin.isatty():
-            raise ValueError("give a prompt with -p TEXT (or on stdin), or use --chat")
-        prompt = sys.stdin.read()
+    assert prompt is not None
     stream = model.stream(prompt, system=args.system, raw=args.raw, max_new_tokens=args.max_new_tokens,
                           images=args.image, **image_options, **sampling)
     _emit(stream, sys.stdout, args.json)

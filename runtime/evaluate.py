@@ -18,11 +18,11 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 
+from gemma3.runtime.api import load_tokenizer
 from gemma3.runtime.cli import HelpFormatter
-from gemma3.runtime.manifest import ManifestError, load_manifest, require_file
+from gemma3.runtime.manifest import ManifestError, check_files, load_manifest
 from gemma3.runtime.ort_decoder import OrtDecoder
 from gemma3.runtime.perplexity import EVAL_TARGETS, EVAL_WINDOW, eval_ids, eval_windows, nll, perplexity
-from gemma3.runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("gemma3.runtime.evaluate")
 PROG = "gemma3-eval"
@@ -71,13 +71,14 @@ def evaluate(
     chunk: int = EVAL_CHUNK,
 ) -> EvalResult:
     manifest = load_manifest(model_dir)
+    check_files(manifest, eval_decoder=True, generation=False)  # a missing graph or weights file, named up front
     spec = manifest.eval_decoder
     if spec is None:
         log.warning("no eval_decoder in the manifest: scoring one token per step with %s", manifest.decoder.file.name)
         spec = manifest.decoder
     if window + 1 > manifest.max_context:
         raise ValueError(f"a window of {window} (+ bos) does not fit the model's context of {manifest.max_context}")
-    tokenizer = Tokenizer.from_file(require_file(manifest.tokenizer, "tokenizer model"))
+    tokenizer = load_tokenizer(manifest)  # a corrupt tokenizer.model: one line naming it
     decoder = OrtDecoder(manifest, spec, threads=threads, chunk_size=chunk)
     bos = manifest.model.bos_token_id
     windows = eval_windows(eval_ids(tokenizer.encode, bos, targets), bos, window, targets)

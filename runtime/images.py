@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
@@ -72,9 +72,14 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     Pillow's decompression-bomb guard (`PIL.Image.MAX_IMAGE_PIXELS`) is an error here at both of its levels.
     """
     name = os.fspath(path)
+    if not os.path.exists(name):  # clearer than Pillow's FileNotFoundError / IsADirectoryError
+        raise ImageError(f"image {name!r} does not exist")
+    if os.path.isdir(name):
+        raise ImageError(f"image {name!r} is a folder, not an image file")
     try:
         # The warning level of the guard would only print: make it raise, for this call only.
         with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged metadata: not the CLI's line
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(name) as image:
                 image.load()  # decode now, so a truncated file fails here and not later in a resize
@@ -84,6 +89,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             f"image {name!r} is too large to decode safely ({exc}); raise PIL.Image.MAX_IMAGE_PIXELS "
             f"(now {Image.MAX_IMAGE_PIXELS}) if the file is trusted"
         ) from exc
+    except Image.UnidentifiedImageError:  # Pillow's message would name the file a second time
+        raise ImageError(f"cannot read image {name!r}: not an image format Pillow knows (or its header is "
+                         "corrupt)") from None
     except Exception as exc:  # Pillow fails with OSError, SyntaxError, ValueError, EOFError, struct.error, ...
         raise ImageError(f"cannot read image {name!r}: {type(exc).__name__}: {exc}") from exc
 
@@ -91,11 +99,35 @@ def load_image(path: str | os.PathLike) -> Image.Image:
 def _rgb_array(image: ImageLike) -> np.ndarray:
     """(H, W, 3) uint8 pixels: a PIL image converted by `to_rgb`, or an array checked to be RGB uint8."""
     if isinstance(image, Image.Image):
-        return np.asarray(to_rgb(image))
-    array = np.asarray(image)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"an image array must be (height, width, 3) uint8 RGB, got {array.shape} {array.dtype}")
+        array = np.asarray(to_rgb(image))
+    else:
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
+            raise ImageError(f"an image array must be (height, width, 3) uint8 RGB, got {array.shape} {array.dtype}")
+    if not array.shape[0] or not array.shape[1]:  # PIL cannot resize an empty image
+        raise ImageError(f"an image needs at least one pixel, got {array.shape[1]}x{array.shape[0]}")
     return array
+
+
+IMAGE_TYPES = (str, os.PathLike, Image.Image, np.ndarray)  # what one image may be
+
+
+def as_image_list(images: object) -> list:
+    """A prompt's images as a list: one path (str / PathLike), PIL image or RGB array, or an iterable of them
+    (None or an empty list: no images). Anything else is an `ImageError` saying what was given."""
+    if images is None:
+        return []
+    if isinstance(images, IMAGE_TYPES):
+        return [images]  # a single path must not be iterated character by character
+    if isinstance(images, (bytes, bytearray, Mapping)) or not isinstance(images, Iterable):
+        raise ImageError(f"images must be a file path, a PIL image, an RGB array or a list of them, "
+                         f"got {type(images).__name__}")
+    listed = list(images)
+    for i, image in enumerate(listed):
+        if not isinstance(image, IMAGE_TYPES):
+            raise ImageError(f"image {i + 1} of {len(listed)} has type {type(image).__name__}: give a file path, "
+                             "a PIL image or an RGB array")
+    return listed
 
 
 # --- Pan & Scan ------------------------------------------------------------------------------------------
@@ -116,6 +148,11 @@ def pan_and_scan_boxes(
     one is cut short at the border. No crops when the ratio is under `activation_ratio` or a crop would be
     shorter than `min_crop_size` on either side.
     """
+    if min(width, height) < 1:
+        raise ImageError(f"an image needs at least one pixel, got {width}x{height}")
+    if min_crop_size < 1 or max_num_crops < 1:  # both divide or bound the crop count
+        raise ValueError(f"Pan & Scan needs min_crop_size >= 1 and max_num_crops >= 1, got {min_crop_size} and "
+                         f"{max_num_crops}")
     if width >= height:  # square or landscape: crops side by side
         if width / height < activation_ratio:
             return []
@@ -174,7 +211,7 @@ def preprocess(image: ImageLike, size: int = IMAGE_SIZE) -> np.ndarray:
 
 
 def prepare_images(
-    images: Sequence[ImageLike | str | os.PathLike],
+    images: ImageLike | str | os.PathLike | Iterable[ImageLike | str | os.PathLike],
     pan_and_scan: bool = False,
     max_crops: int = PAN_AND_SCAN_MAX_CROPS,
     min_crop_size: int = PAN_AND_SCAN_MIN_CROP_SIZE,
@@ -187,8 +224,7 @@ def prepare_images(
     then its crops in row-major order, as transformers lays them out; N = len(images) + sum(crops_per_image).
     Paths are read with `load_image`; a single image or path may be passed instead of a sequence.
     """
-    if isinstance(images, (Image.Image, np.ndarray, str, os.PathLike)):
-        images = [images]
+    images = as_image_list(images)
     pieces: list[list[np.ndarray]] = []  # per image: the whole image, then its crops
     for image in images:
         pixels = _rgb_array(load_image(image) if isinstance(image, (str, os.PathLike)) else image)

@@ -99,6 +99,7 @@ class VisionSpec:
     image_features: str
     image_size: int
     tokens_per_image: int
+    weights_bytes: int | None = None  # size of the graph's external data file (`vision.onnx.data`), if known
 
 
 @dataclass(frozen=True)
@@ -217,29 +218,39 @@ def _workspace(r: _Reader, d: dict[str, Any], path: str) -> WorkspaceSpec:
     return WorkspaceSpec(input=r.get(d, "input", path, str), dtype=dtype, elements=elements)
 
 
+def _positive(r: _Reader, value: int, path: str) -> int:
+    if value < 1:
+        raise r.fail(f"'{path}' must be positive, got {value}")
+    return value
+
+
 def _vision(r: _Reader, root: Path, d: dict[str, Any]) -> VisionSpec:
     return VisionSpec(
         file=root / r.get(d, "file", "vision", str),
         pixel_values=r.get(d, "pixel_values", "vision", str),
         image_features=r.get(d, "image_features", "vision", str),
-        image_size=r.get(d, "image_size", "vision", int),
-        tokens_per_image=r.get(d, "tokens_per_image", "vision", int),
+        image_size=_positive(r, r.get(d, "image_size", "vision", int), "vision.image_size"),
+        tokens_per_image=_positive(r, r.get(d, "tokens_per_image", "vision", int), "vision.tokens_per_image"),
+        weights_bytes=r.get(d, "weights_bytes", "vision", int, optional=True),
     )
 
 
 def _model(r: _Reader, d: dict[str, Any]) -> ModelInfo:
     ints = ("vocab_size", "num_layers", "num_kv_heads", "head_dim", "sliding_window", "max_position_embeddings")
-    values = {k: r.get(d, k, "model", int) for k in ints}
-    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+    values = {k: _positive(r, r.get(d, k, "model", int), f"model.{k}") for k in ints}  # 0 would size empty caches
+    # The ids the runtime feeds or counts must index the embedding (boi / eoi are written with Gemma's fixed
+    # values even by small test vocabularies, and only ever reach the model as text: not checked).
+    checked = ("bos_token_id", "eos_token_id", "pad_token_id", "image_token_id")
+    for k in (*checked, "boi_token_id", "eoi_token_id"):
         values[k] = r.get(d, k, "model", int, optional=True)
         if values[k] is None:
-            del values[k]  # Gemma's fixed ids are the defaults
+            del values[k]  # Gemma's fixed ids are the defaults (None for the image ids: a text-only export)
+        elif k in checked and not 0 <= values[k] < values["vocab_size"]:
+            raise r.fail(f"'model.{k}' {values[k]} is not a token id of the {values['vocab_size']}-row vocabulary")
+    hidden = r.get(d, "hidden_size", "model", int, optional=True)
     return ModelInfo(
         name=str(d.get("name", "custom")),
-        image_token_id=r.get(d, "image_token_id", "model", int, optional=True),
-        hidden_size=r.get(d, "hidden_size", "model", int, optional=True),
-        boi_token_id=r.get(d, "boi_token_id", "model", int, optional=True),
-        eoi_token_id=r.get(d, "eoi_token_id", "model", int, optional=True),
+        hidden_size=None if hidden is None else _positive(r, hidden, "model.hidden_size"),
         config=dict(d),
         **values,
     )
@@ -255,14 +266,15 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         raise ManifestError(f"no {MANIFEST_FILE} in {str(root)!r}: is this a folder written by gemma3-export?")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read it as JSON ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8 and int-digit-limit errors
+        raise ManifestError(f"{path}: cannot read it as JSON ({e or type(e).__name__})") from None
     r = _Reader(str(path))
     if not isinstance(data, dict):
         raise r.fail("the top level must be a JSON object")
     version = r.get(data, "format_version", "", int)
     if version != FORMAT_VERSION:
-        raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
+        raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION}): "
+                     "re-export the model with this version's gemma3-export")
     target = r.get(data, "target", "", str)
     if target not in TARGETS:
         raise r.fail(f"target {target!r} is not one this runtime runs ({', '.join(TARGETS)})")
@@ -318,8 +330,51 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     )
 
 
+REFETCH = "copy the whole folder gemma3-export wrote again, or re-export it"
+
+
 def require_file(path: Path, what: str) -> Path:
     """`path` if it exists, else a `ManifestError` saying which part of the export is missing."""
     if not path.is_file():
-        raise ManifestError(f"the {what} {str(path)!r} named by {MANIFEST_FILE} is missing")
+        raise ManifestError(f"the {what} {str(path)!r} named by {MANIFEST_FILE} is missing ({REFETCH})")
     return path
+
+
+def _require_data(path: Path, what: str, size: int | None) -> None:
+    """An external-data file the exporter recorded the size of: present and exactly that long."""
+    if size is None:
+        return  # hand-built folders (tests) keep their weights inside the graph
+    if not path.is_file():
+        raise ManifestError(f"the {what} {str(path)!r} is missing ({REFETCH})")
+    actual = path.stat().st_size
+    if actual != size:
+        raise ManifestError(f"the {what} {str(path)!r} holds {actual} bytes but {MANIFEST_FILE} says {size}: it is "
+                            f"truncated or from another export ({REFETCH})")
+
+
+def check_files(manifest: Manifest, eval_decoder: bool = False, generation: bool = True) -> None:
+    """Every file an ort folder's graphs need, checked up front so a missing one is named at load time
+    rather than by ONNX Runtime at the first image. `generation`: the decoders, vision graph and tokenizer
+    of generation; `eval_decoder`: the perplexity graph (or the decoder it falls back to) and the tokenizer."""
+    if manifest.target != "ort":
+        return  # tensorrt folders run their engines (checked by runtime/tensorrt/engines.py)
+    graphs: list[tuple[DecoderSpec | VisionSpec, str]] = []
+    if generation:
+        graphs.append((manifest.decoder, "decoder graph"))
+        if manifest.image_decoder is not None:
+            graphs.append((manifest.image_decoder, "image decoder graph"))
+    if eval_decoder:
+        graphs.append((manifest.eval_decoder or manifest.decoder, "eval decoder graph"))
+    if generation and manifest.vision is not None:
+        graphs.append((manifest.vision, "vision graph"))
+    for spec, what in graphs:
+        require_file(spec.file, what)
+    weights = manifest.source.get("weights_bytes")
+    if isinstance(weights, bool) or not isinstance(weights, int):
+        weights = None  # older or hand-written manifests: nothing to compare against
+    decoder_data = manifest.decoder.file.with_name(manifest.decoder.file.name + ".data")  # shared by every decoder
+    _require_data(decoder_data, "decoder weights file", weights)
+    if generation and manifest.vision is not None:
+        vision = manifest.vision.file
+        _require_data(vision.with_name(vision.name + ".data"), "vision weights file", manifest.vision.weights_bytes)
+    require_file(manifest.tokenizer, "tokenizer model")

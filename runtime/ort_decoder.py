@@ -15,11 +15,13 @@ import numpy as np
 import onnxruntime as ort
 
 from gemma3.runtime.kv_cache import KVCache, round_capacity
-from gemma3.runtime.manifest import DecoderSpec, Manifest, ManifestError, require_file
+from gemma3.runtime.manifest import MANIFEST_FILE, DecoderSpec, Manifest, ManifestError, require_file
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CHUNK = 256  # prefill tokens per step
+_ORT_TYPES = {"float32": "float", "float16": "float16"}  # cache_dtype -> ONNX Runtime's tensor(...) names
+ORT_VERBOSE, ORT_QUIET = 2, 4  # ORT log severities: warnings and up, fatal only
 
 
 def available_cores() -> int:
@@ -36,7 +38,28 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # ORT's own logger writes a failed run to stderr over several lines, besides the exception we turn into one
+    # line: keep it quiet unless logging is verbose (-v), where its warnings and errors help.
+    opts.log_severity_level = ORT_VERBOSE if log.isEnabledFor(logging.INFO) else ORT_QUIET
     return opts
+
+
+def check_arg(graph: str, arg: ort.NodeArg, shape: list[int | None], kind: str | None) -> None:
+    """A graph input/output against the shape (None: any) and element type the runtime will bind to it."""
+    fixed = [d if isinstance(d, int) else None for d in arg.shape]
+    clash = len(fixed) != len(shape) or any(g is not None and w is not None and g != w for g, w in zip(fixed, shape))
+    if clash or (kind is not None and arg.type != f"tensor({kind})"):
+        want = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+        raise ManifestError(f"{graph}: '{arg.name}' is {arg.type} {list(arg.shape)} but {MANIFEST_FILE} implies "
+                            f"{kind or 'a tensor'} {want}: the manifest does not describe this graph "
+                            "(re-export the folder)")
+
+
+def run_error(graph: object, e: Exception) -> ManifestError:
+    """ONNX Runtime's exception (InvalidArgument, RuntimeException, Fail, ...) as one line of ours."""
+    reason = str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+    return ManifestError(f"ONNX Runtime failed running {graph}: {reason} (does {MANIFEST_FILE} describe this graph? "
+                         "re-export the folder)")
 
 
 class OrtDecoder:
@@ -62,7 +85,7 @@ class OrtDecoder:
             )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
-        self._check_io(self.session, self.spec)
+        self._check_io(self.session, self.spec, manifest)
         self._binding = self.session.io_binding()
         self._bound: tuple[int, int] | None = None  # (serial of the cache, its version) currently bound
         self._image_graph: OrtDecoder | None = None  # steps holding image soft tokens, loaded on first use
@@ -73,7 +96,8 @@ class OrtDecoder:
         log.info("loaded %s (%d threads, logits: %s)", path.name, self.threads, self.spec.logits)
 
     @staticmethod
-    def _check_io(session: ort.InferenceSession, spec: DecoderSpec) -> None:
+    def _check_io(session: ort.InferenceSession, spec: DecoderSpec, manifest: Manifest) -> None:
+        args = {i.name: i for i in [*session.get_inputs(), *session.get_outputs()]}
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         want_in = {spec.input_ids, spec.past_len} | ({spec.image_features} if spec.image_features else set())
@@ -84,6 +108,19 @@ class OrtDecoder:
         missing = sorted(want_in - inputs) + sorted(want_out - outputs)
         if missing:
             raise ManifestError(f"{spec.file.name} lacks the inputs/outputs {', '.join(missing)} of its manifest")
+        # The shapes the runtime will bind, against the graph's fixed dims: a manifest that does not describe
+        # its graphs fails here, in one line, not inside ONNX Runtime at the first step.
+        m = manifest.model
+        wanted: dict[str, tuple[list[int | None], str]] = {spec.logits_output: ([1, None, m.vocab_size], "float")}
+        if spec.image_features is not None:
+            wanted[spec.image_features] = ([None, m.hidden_size], "float")  # one row per image soft token
+        cache_type = _ORT_TYPES.get(spec.cache_dtype)
+        for layer in spec.layers:
+            rows = layer.capacity if layer.kind == "local" else None
+            for name in (layer.past_key, layer.past_value, layer.present_key, layer.present_value):
+                wanted[name] = ([1, m.num_kv_heads, rows, m.head_dim], cache_type)
+        for name, (shape, kind) in wanted.items():
+            check_arg(spec.file.name, args[name], shape, kind)
 
     def new_cache(self, expected_tokens: int = 0) -> KVCache:
         """An empty cache whose global layers start with room for `expected_tokens` (rounded up)."""
@@ -146,7 +183,10 @@ class OrtDecoder:
             logits = np.empty((1, n, self.manifest.model.vocab_size), np.float32)
             value = ort.OrtValue.ortvalue_from_numpy(logits)
         b.bind_ortvalue_output(self.spec.logits_output, value)
-        self.session.run_with_iobinding(b)
+        try:
+            self.session.run_with_iobinding(b)
+        except Exception as e:  # ORT's own exception types: one line of ours, naming the graph
+            raise run_error(f"{self.spec.file} at position {cache.length}", e) from None
         cache.advance(n)
         return logits[0, -1].copy() if logits is self._logits else logits[0]
 

@@ -9,6 +9,7 @@ one O(vocab) partition, not a sort of the vocabulary.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from typing import Any
@@ -16,6 +17,36 @@ from typing import Any
 import numpy as np
 
 NEG_INF = -np.inf
+SEED_LIMIT = 2**63  # seeds are non-negative and fit an int64: any seed can be logged, stored and replayed
+# The smallest temperature and repetition penalty: logits are divided by them in float32, and below this a large
+# logit (> 3e34) could overflow to inf, which would fail mid-generation ("no token has a finite logit").
+MIN_DIVISOR = 1e-4
+
+
+def _real(value: Any) -> float:
+    """`value` as a float for range checks; nan (which fails every comparison) for anything not a real number."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return math.nan
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range: out of every range checked here
+        return math.inf
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."  # a 400-digit int stays a one-line message
+
+
+def _check_real(name: str, value: Any, ok: bool, expected: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None, expected: str) -> None:
+    is_int = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if not is_int or value < low or (high is not None and value >= high):
+        raise ValueError(f"{name} must be {expected}, got {_shown(value)}")
 
 
 @dataclass(frozen=True)
@@ -28,16 +59,18 @@ class SamplingParams:
     seed: int | None = None  # None: fresh entropy
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.min_p <= 1:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
-        if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        # Each check also rejects nan / inf and non-numbers, so a bad value fails here, not mid-generation.
+        t = _real(self.temperature)
+        _check_real("temperature", self.temperature, t == 0.0 or MIN_DIVISOR <= t < math.inf,
+                    f"0 (greedy) or a finite number >= {MIN_DIVISOR:g}")
+        _check_int("top_k", self.top_k, 0, None, "an integer >= 0 (0 = off)")
+        _check_real("top_p", self.top_p, 0.0 < _real(self.top_p) <= 1.0, "in (0, 1]")
+        _check_real("min_p", self.min_p, 0.0 <= _real(self.min_p) <= 1.0, "in [0, 1]")
+        _check_real("repetition_penalty", self.repetition_penalty,
+                    MIN_DIVISOR <= _real(self.repetition_penalty) < math.inf,
+                    f"a finite number >= {MIN_DIVISOR:g} (1 = off)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0, SEED_LIMIT, "a non-negative integer below 2**63")
 
     @property
     def greedy(self) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import sentencepiece as spm
 
 _SPACE = "\u2581"
+TOKENIZER_FIX = "copy tokenizer.model from the checkpoint or re-export the folder"
 _NORMAL, _UNKNOWN, _CONTROL, _USER_DEFINED, _UNUSED, _BYTE = 1, 2, 3, 4, 5, 6
 
 
@@ -81,16 +82,28 @@ def _piece_types(model: bytes) -> list[int]:
     return types
 
 
+class TokenizerError(ValueError):
+    """A tokenizer model that cannot be used (corrupt, truncated, not SentencePiece), or text it cannot encode."""
+
+
 class Tokenizer:
     """Encode/decode with a SentencePiece model, treating special-token strings in text as single tokens."""
 
     def __init__(self, model_bytes: bytes) -> None:
-        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
-        n = self._sp.get_piece_size()
-        self._pieces: list[str] = self._sp.id_to_piece(list(range(n)))
-        types = _piece_types(model_bytes)
+        if not model_bytes:  # SentencePiece would accept it as "no model" and log C++ errors at every call
+            raise TokenizerError("not a usable SentencePiece model (the file is empty)")
+        try:
+            self._sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+            n = self._sp.get_piece_size()
+            self._pieces: list[str] = self._sp.id_to_piece(list(range(n)))
+            types = _piece_types(model_bytes)
+        except Exception as e:  # SentencePiece raises RuntimeError / UnicodeDecodeError, our walker IndexError
+            reason = f"{type(e).__name__}: {e}".splitlines()[0].strip()
+            if "ParseFromArray" in reason:  # SentencePiece's whole message is its C++ source line
+                reason = "it does not parse: truncated or corrupt"
+            raise TokenizerError(f"not a usable SentencePiece model ({reason})") from None
         if len(types) != n:
-            raise ValueError(f"tokenizer model lists {len(types)} piece types for {n} pieces")
+            raise TokenizerError(f"not a usable SentencePiece model ({len(types)} piece types for {n} pieces)")
         self._ids = {piece: i for i, piece in enumerate(self._pieces)}
         # What transformers calls special: skipped by decode(skip_special_tokens=True).
         self._special = frozenset(i for i, t in enumerate(types) if t in (_CONTROL, _UNKNOWN))
@@ -114,8 +127,13 @@ class Tokenizer:
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer in `path`; a `TokenizerError` naming the file (and the fix) if it is unusable."""
         with open(path, "rb") as f:
-            return cls(f.read())
+            data = f.read()
+        try:
+            return cls(data)
+        except TokenizerError as e:
+            raise TokenizerError(f"{os.fspath(path)}: {e}; {TOKENIZER_FIX}") from None
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes) -> Tokenizer:
@@ -157,7 +175,10 @@ class Tokenizer:
         parts = self._split.split(text) if self._split is not None else [text]
         # re.split with one capture group alternates: plain, atomic, plain, atomic, ..., plain.
         plain = [p for p in parts[0::2] if p]
-        encoded = iter(self._sp.encode(plain)) if plain else iter(())
+        try:
+            encoded = iter(self._sp.encode(plain)) if plain else iter(())
+        except TypeError:  # SentencePiece's complaint about a str it cannot turn into UTF-8
+            raise TokenizerError(_not_unicode(text)) from None
         for k, part in enumerate(parts):
             if k % 2:
                 ids.append(self._atomic[part])
@@ -186,6 +207,15 @@ class Tokenizer:
 
     def stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         return StreamDecoder(self, skip_special_tokens)
+
+
+def _not_unicode(text: str) -> str:
+    """Why `text` cannot be encoded: a lone surrogate, which is what undecodable input bytes become in Python."""
+    bad = next((c for c in text if "\ud800" <= c <= "\udfff"), None)
+    if bad is None:
+        return "the text cannot be encoded as UTF-8"
+    return (f"the text is not valid Unicode: it holds a lone surrogate (U+{ord(bad):04X}), as undecodable "
+            "input bytes become; give UTF-8 text")
 
 
 class StreamDecoder:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,13 +22,17 @@ from gemma3.runtime.images import (
     IMAGE_TOKEN,
     PAN_AND_SCAN_MAX_CROPS,
     PAN_AND_SCAN_MIN_CROP_SIZE,
+    ImageError,
     ImageLike,
+    as_image_list,
     expand_image_tokens,
     prepare_images,
 )
-from gemma3.runtime.manifest import Manifest, ManifestError, require_file
+from gemma3.runtime.manifest import MANIFEST_FILE, Manifest, ManifestError, require_file
+from gemma3.runtime.ort_decoder import check_arg, run_error
 
 ImageInput = str | os.PathLike | ImageLike
+Images = ImageInput | Iterable[ImageInput]  # one image, or several: a str is one path, never iterated
 _SOFT_RUN = re.compile(f"((?:{re.escape(IMAGE_TOKEN)})+)")
 
 
@@ -44,13 +48,24 @@ class OrtVision:
             self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
+        # The graph against the manifest's vision section, so a mismatch is one line now, not ORT's at a run.
+        args = {a.name: a for a in [*self.session.get_inputs(), *self.session.get_outputs()]}
+        s, hidden = self.spec, manifest.model.hidden_size
+        for name, shape in ((s.pixel_values, [None, 3, s.image_size, s.image_size]),
+                            (s.image_features, [None, s.tokens_per_image, hidden])):
+            if name not in args:
+                raise ManifestError(f"{path.name} has no input/output {name!r}, which {MANIFEST_FILE} names")
+            check_arg(path.name, args[name], shape, "float")
 
     def __call__(self, pixel_values: np.ndarray) -> tuple[np.ndarray, list[float]]:
         """Features [N * tokens, hidden] in order, and the seconds each image took."""
         rows, seconds = [], []
         for image in pixel_values:
             start = time.perf_counter()
-            (features,) = self.session.run([self.spec.image_features], {self.spec.pixel_values: image[None]})
+            try:
+                (features,) = self.session.run([self.spec.image_features], {self.spec.pixel_values: image[None]})
+            except Exception as e:  # ORT's own exception types: one line of ours
+                raise run_error(self.spec.file, e) from None
             seconds.append(time.perf_counter() - start)
             rows.append(features.reshape(-1, features.shape[-1]))
         return np.concatenate(rows), seconds
@@ -99,11 +114,15 @@ class ExpandingEncoder:
             raise ValueError(f"{len(self.images.crops)} images given but the prompt has {placed} {BOI_TOKEN} markers")
 
 
-def encode_images(vision: OrtVision, manifest: Manifest, images: Sequence[ImageInput], pan_and_scan: bool = False,
+def encode_images(vision: OrtVision, manifest: Manifest, images: Images, pan_and_scan: bool = False,
                   max_crops: int = PAN_AND_SCAN_MAX_CROPS, min_crop_size: int = PAN_AND_SCAN_MIN_CROP_SIZE
                   ) -> ImagePrompt:
-    """Load, Pan & Scan, preprocess and encode `images`; raises `images.ImageError` naming a bad file."""
-    pixels, crops = prepare_images(list(images), pan_and_scan=pan_and_scan, max_crops=max_crops,
+    """Load, Pan & Scan, preprocess and encode `images` (one, or a list); raises `images.ImageError` naming a bad
+    file, or saying what was given instead of an image."""
+    listed = as_image_list(images)
+    if not listed:
+        raise ImageError("no images to encode")
+    pixels, crops = prepare_images(listed, pan_and_scan=pan_and_scan, max_crops=max_crops,
                                    min_crop_size=min_crop_size, size=manifest.vision.image_size)
     features, seconds = vision(pixels)
     per_image, k = [], 0

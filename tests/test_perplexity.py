@@ -139,12 +139,14 @@ def test_window_nll_scores_the_last_positions():
 def test_eval_text_is_the_pydoc_topics():
     from pydoc_data import topics
 
+    # The topics differ between Python versions (79 on 3.11): check the construction, not a count.
+    names = sorted(topics.topics)
     text = eval_text()
-    assert len(topics.topics) == 79  # the protocol's count on this Python
-    assert 440_000 < len(text) < 490_000  # "about 465K characters"
-    first = sorted(topics.topics)[0]
-    assert text.startswith(topics.topics[first])
-    assert text.count("\n\n") >= 78
+    assert len(names) > 1 and all(isinstance(topics.topics[k], str) for k in names)
+    assert text == "\n\n".join(topics.topics[k] for k in names)  # sorted by name, blank lines between
+    assert text.startswith(topics.topics[names[0]]) and text.endswith(topics.topics[names[-1]])
+    assert text.count("\n\n") >= len(names) - 1
+    assert len(text) > 100_000  # far more than the protocol's 4097 ids need, on any Python (465K chars on 3.11)
 
 
 def test_perplexity_module_does_not_import_torch():

@@ -12,6 +12,8 @@ import io
 import numpy as np
 import pytest
 from PIL import Image
+from transformers import Gemma3ImageProcessorPil  # a test dependency (pyproject's `test` extra): no skip
+from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
 
 from gemma3.runtime.images import (
     BOI_TOKEN,
@@ -27,10 +29,6 @@ from gemma3.runtime.images import (
     preprocess,
     to_rgb,
 )
-
-transformers = pytest.importorskip("transformers")
-from transformers import Gemma3ImageProcessorPil  # noqa: E402
-from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb  # noqa: E402
 
 
 def hf_image_processor(pan_and_scan: bool = True, max_crops: int = 4, min_crop_size: int = 256):

@@ -1,6 +1,6 @@
 """Images end to end on a tiny multimodal export with Gemma's real vocabulary: files -> Pan & Scan -> vision.onnx
--> image graph -> greedy tokens, against transformers' Gemma3ForConditionalGeneration fed the pixel values of its
-own image processor. Also the CLI's image options and errors."""
+-> image graph -> 16 greedy steps, each step's logits against transformers' Gemma3ForConditionalGeneration fed the
+pixel values of its own image processor (max abs difference <= ATOL). Also the CLI's image options and errors."""
 
 from __future__ import annotations
 
@@ -18,11 +18,14 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
 from gemma3.runtime import cli
 from gemma3.runtime.api import load
+from gemma3.runtime.chat import STOP_IDS
 from tests.hf_reference import random_hf_model, save_hf, tiny_multimodal
 
 # Gemma's ids (graphs/config.py): the real tokenizer encodes the prompt, so the tiny model has the real vocabulary
 CONFIG = tiny_multimodal(vocab_size=262_208, image_token_id=262_144, boi_token_id=255_999, eoi_token_id=256_000,
                          max_position_embeddings=512)
+STEPS = 16  # greedy steps compared, each by its logits
+ATOL = 1e-4  # fp32 logits: vision (fused attention) and decoder reduction order only, as tests/test_export_images.py
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,9 @@ def mm_model(tmp_path_factory):
     return hf, out, images
 
 
-def _hf_greedy(hf, ids: list[int], paths, pan_and_scan: bool, steps: int) -> list[int]:
+def _hf_step_logits(hf, ids: list[int], tokens: list[int], paths, pan_and_scan: bool) -> np.ndarray:
+    """transformers' logits [len(tokens), vocab] at every generation step, teacher-forced on `tokens` (one forward
+    over prompt + tokens: row i predicts tokens[i]), its pixel values from its own image processor."""
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     size = CONFIG.vision.image_size
@@ -47,10 +52,23 @@ def _hf_greedy(hf, ids: list[int], paths, pan_and_scan: bool, steps: int) -> lis
                                         pan_and_scan_min_crop_size=8, pan_and_scan_max_num_crops=4,
                                         pan_and_scan_min_ratio_to_activate=1.2)
     pixels = processor([Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
-    input_ids = torch.tensor([ids])
-    out = hf.generate(input_ids=input_ids, pixel_values=pixels, token_type_ids=(input_ids == 262_144).long(),
-                      max_new_tokens=steps, do_sample=False)
-    return out[0, len(ids):].tolist()
+    full = torch.tensor([ids + tokens[:-1]])
+    with torch.no_grad():
+        logits = hf(input_ids=full, pixel_values=pixels, token_type_ids=(full == 262_144).long()).logits
+    return logits[0, len(ids) - 1:].float().numpy()
+
+
+def _our_greedy(model, ids: list[int], encoded, steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens without stopping, and the logits [steps, vocab] each was taken from."""
+    cache = model.decoder.new_cache(len(ids) + steps)
+    logits = model.decoder.prefill(cache, ids, encoded.features)
+    tokens, rows = [], []
+    for _ in range(steps):
+        rows.append(logits)
+        tokens.append(int(np.argmax(logits)))
+        if len(tokens) < steps:
+            logits = model.decoder.step(cache, [tokens[-1]])
+    return tokens, np.stack(rows)
 
 
 @pytest.mark.parametrize("pan_and_scan", [False, True], ids=["plain", "pan-and-scan"])
@@ -64,10 +82,16 @@ def test_two_images_greedy_match_transformers(mm_model, pan_and_scan):
     ids = model.prompt_ids(prompt, images=encoded)
     assert encoded.crops == ([3, 0] if pan_and_scan else [0, 0])
     assert ids.count(262_144) == CONFIG.vision.mm_tokens_per_image * (2 + sum(encoded.crops))
-    result = model.generate(prompt, images=encoded, temperature=0, max_new_tokens=10)
+    # Every step's logits, not only the tokens: 16 greedy steps, no stop token, against transformers'
+    tokens, ours = _our_greedy(model, ids, encoded, STEPS)
+    reference = _hf_step_logits(hf, ids, tokens, paths, pan_and_scan)
+    assert tokens == [int(t) for t in reference.argmax(-1)]  # the same greedy choice at each of the 16 steps
+    np.testing.assert_allclose(ours, reference, rtol=0, atol=ATOL)
+    # The API's generation (stop tokens on) is a prefix of those tokens.
+    result = model.generate(prompt, images=encoded, temperature=0, max_new_tokens=STEPS)
     assert result.stats.images == 2 and result.stats.crops == encoded.crops
-    assert result.token_ids == _hf_greedy(hf, ids, paths, pan_and_scan, 10)[: len(result.token_ids)]
-    assert len(result.token_ids) >= 3
+    n = len(result.token_ids)
+    assert result.token_ids == tokens[:n] and (n == STEPS or tokens[n] in STOP_IDS)
 
 
 def test_cli_image_json_and_errors(mm_model, tmp_path, capsys):
