@@ -27,7 +27,8 @@ __all__ = ["ContextLengthError", "GenerationStats", "Piece", "check_prompt", "de
 
 
 class Decoder(Protocol):
-    def step(self, cache: KVCache, ids: np.ndarray | list[int]) -> np.ndarray: ...
+    def step(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None,
+             borrow: bool = False) -> np.ndarray: ...
 
     def prefill(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None
                 ) -> np.ndarray: ...
@@ -110,8 +111,9 @@ def prefill(decoder: Decoder, cache: KVCache, ids: np.ndarray | list[int],
 
 
 def decode_step(decoder: Decoder, cache: KVCache, token: int) -> np.ndarray:
-    """Feed one token; the logits [vocab] that predict the one after it."""
-    return decoder.step(cache, [token])
+    """Feed one token; the logits [vocab] that predict the one after it (the decoder's buffer: sample it before
+    the next step)."""
+    return decoder.step(cache, [token], borrow=True)
 
 
 class _Seen:

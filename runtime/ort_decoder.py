@@ -152,13 +152,15 @@ class OrtDecoder:
             self._image_graph = OrtDecoder(self.manifest, self.manifest.image_decoder, self.threads, self.chunk_size)
         return self._image_graph
 
-    def step(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None) -> np.ndarray:
+    def step(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None,
+             borrow: bool = False) -> np.ndarray:
         """Run the graph over `ids` at past_len = cache.length, advance the cache, return the logits.
 
         The logits are [vocab] for the last position ("last" graphs) or [S, vocab] ("all" graphs), float32,
-        owned by the caller. `image_features` [rows, hidden]: one row per image soft token in `ids`, in order;
-        such a step runs the image graph (bidirectional image groups) on the same cache, and must hold whole
-        images only.
+        owned by the caller; with `borrow` a "last" graph's row is the decoder's own buffer instead, valid until
+        the next step (the generation loop samples it at once: no 1 MiB copy per token).
+        `image_features` [rows, hidden]: one row per image soft token in `ids`, in order; such a step runs the
+        image graph (bidirectional image groups) on the same cache, and must hold whole images only.
         """
         ids = np.ascontiguousarray(np.asarray(ids, dtype=np.int64).reshape(1, -1))
         n = ids.shape[1]
@@ -169,7 +171,7 @@ class OrtDecoder:
             if image_features is None or len(image_features) != image_rows:
                 got = "none" if image_features is None else len(image_features)
                 raise ValueError(f"{image_rows} image soft tokens in this step but {got} image feature rows")
-            return self._image_decoder().step(cache, ids, image_features)
+            return self._image_decoder().step(cache, ids, image_features, borrow)
         cache.reserve(n)
         self._bind_cache(cache)
         b = self._binding
@@ -188,7 +190,9 @@ class OrtDecoder:
         except Exception as e:  # ORT's own exception types: one line of ours, naming the graph
             raise run_error(f"{self.spec.file} at position {cache.length}", e) from None
         cache.advance(n)
-        return logits[0, -1].copy() if logits is self._logits else logits[0]
+        if logits is not self._logits:
+            return logits[0]
+        return logits[0, -1] if borrow else logits[0, -1].copy()
 
     def chunks(self, ids: np.ndarray) -> list[tuple[int, int]]:
         """[start, end) steps of at most `chunk_size` tokens, stretched so that no image is split."""

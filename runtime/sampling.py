@@ -161,10 +161,11 @@ def sample(
     x = np.asarray(logits, dtype=np.float32).reshape(-1)
     if seen_ids is not None:
         x = apply_repetition_penalty(x, seen_ids, params.repetition_penalty)
-    if params.greedy:
-        if not np.isfinite(np.max(x)):
+    if params.greedy:  # one pass: argmax finds a NaN or an all -inf vector's first entry, which is not finite
+        token = int(np.argmax(x))
+        if not np.isfinite(x[token]):
             raise ValueError("no token has a finite logit")
-        return int(np.argmax(x))
+        return token
     x = top_k_filter(x, params.top_k)
     candidates = np.flatnonzero(x > NEG_INF)
     if candidates.size == 0:

@@ -45,6 +45,20 @@ def test_decode_matches_reference_through_growth(tiny):
     assert cache.length == 600 and cache.version == 2
 
 
+def test_borrowed_logits_are_the_decoders_buffer(tiny):
+    """The generation loop borrows the last row (no copy per token); everyone else gets their own copy."""
+    manifest, _, ids, ref = tiny
+    dec = OrtDecoder(manifest)
+    cache = dec.new_cache(8)
+    dec.prefill(cache, ids[:4])
+    borrowed = dec.step(cache, [ids[4]], borrow=True)
+    close(borrowed, ref[4])
+    owned = dec.step(cache, [ids[5]])
+    close(owned, ref[5])
+    assert np.shares_memory(borrowed, dec._logits) and not np.shares_memory(owned, dec._logits)
+    close(borrowed, ref[5])  # the borrowed row was overwritten by the next step, as documented
+
+
 def test_a_new_cache_is_bound_even_where_a_freed_one_lived(tiny):
     """Regression: bindings were keyed by id(cache), which Python reuses once a cache is freed, so a fresh
     cache of another capacity could run against the freed one's buffers (gemma3-eval's second window failed)."""

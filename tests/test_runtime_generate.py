@@ -37,7 +37,7 @@ class ScriptedDecoder:
         logits[self.script[cache.length - self.prompt_len]] = 10.0
         return logits
 
-    def step(self, cache, ids):
+    def step(self, cache, ids, image_features=None, borrow=False):
         ids = list(ids)
         self.calls.append(ids)
         cache.length += len(ids)

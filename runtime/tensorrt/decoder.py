@@ -228,10 +228,11 @@ class TensorRTDecoder:
 
     # --- steps -------------------------------------------------------------------------------------------------
 
-    def step(self, cache: DeviceCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None
-             ) -> np.ndarray:
+    def step(self, cache: DeviceCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None,
+             borrow: bool = False) -> np.ndarray:
         """Run the engine over `ids` at past_len = cache.length, advance the cache; the logits [vocab] (float32,
-        the caller's). `image_features` [rows, hidden]: one row per image soft token in `ids`, whole images only."""
+        the caller's; with `borrow` the pinned host buffer itself, valid until the next step).
+        `image_features` [rows, hidden]: one row per image soft token in `ids`, whole images only."""
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         n = ids.size
         if n == 0:
@@ -256,7 +257,7 @@ class TensorRTDecoder:
         self._fixed[self.spec.logits_output].download(self._logits.array, s)
         s.synchronize()
         cache.advance(n)
-        return self._logits.array.copy()
+        return self._logits.array if borrow else self._logits.array.copy()
 
     def _prefill_step(self, memory: _CacheMemory, n: int, image_features: np.ndarray | None) -> None:
         if self._prefill_bound is not memory:
