@@ -10,10 +10,11 @@ import click
 
 from gemma3.graphs.config import PRESETS, preset
 from gemma3.graphs.loaders.checkpoint import CheckpointError, open_checkpoint
-from gemma3.graphs.loaders.embedded import embedded_270m_gguf
+from gemma3.graphs.loaders.embedded import EmbeddedModelMissing, embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .export import export
+from .output import describe_os_error
 from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
 
 
@@ -34,7 +35,7 @@ from .recipes import DEFAULT_TARGET, RECIPES, TARGETS, precision_names, recipe
                    "TensorRT engines (gemma3::HybridAttention plugin nodes, bf16 compute, fp8/int4 as Q/DQ). "
                    "Default: tensorrt for fp8/bf16/fp16, else ort.")
 @click.option("--out", type=click.Path(path_type=Path), help="Output folder. Default: out/gemma3-SIZE-PRECISION.")
-@click.option("--max-context", type=click.IntRange(min=1), help="Longest context to serve (default: the model's).")
+@click.option("--max-context", type=int, help="Longest context to serve, at least 2 (default: the model's).")
 @click.option("--eval-graph/--no-eval-graph", default=True, show_default=True,
               help="Also write decoder_all_logits.onnx (all-position logits, for perplexity); shares the weights.")
 @click.option("--kv-cache", "kv_cache", type=click.Choice(["compute", "fp8"]), default="compute", show_default=True,
@@ -64,6 +65,9 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
     logging.basicConfig(level=logging.WARNING, format="gemma3-export: %(message)s")
     logging.getLogger("gemma3").setLevel(logging.DEBUG if verbose else logging.INFO)
     try:
+        if max_context is not None and max_context < 2:  # before any checkpoint is opened
+            raise ValueError(f"--max-context {max_context}: a context needs at least 2 tokens (the runtime "
+                             "refuses less)")
         target = target or DEFAULT_TARGET.get(precision_name, "ort")
         chosen = recipe(precision_name, target).with_kv_cache(kv_cache)
         if dry_run:
@@ -91,10 +95,16 @@ def main(size, precision_name, checkpoint, random_weights, target, out, max_cont
         out = out or Path("out") / f"gemma3-{size}-{precision_name}{suffix}"
         folder = export(source, out, chosen, max_context=max_context, eval_graph=eval_graph, force=force,
                         max_batch=max_batch)
-    except (CheckpointError, FileExistsError, ValueError) as e:
-        click.echo(f"gemma3-export: error: {e}", err=True)
-        sys.exit(2)
+    except (CheckpointError, ValueError, EmbeddedModelMissing) as e:
+        _fail(str(e))
+    except OSError as e:  # the output folder (disk full, no permission, --out a file); nothing was left behind
+        _fail(describe_os_error(e, out or Path("out")))
     click.echo(f"wrote {folder}")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"gemma3-export: error: {' '.join(message.split())}", err=True)  # always one line
+    sys.exit(2)
 
 
 def _return_freed_memory() -> None:

@@ -1,7 +1,8 @@
 """Export a checkpoint to a model folder: decoder graph(s), streamed weights, tokenizer, manifest.
 
-Everything is written into a temporary sibling folder and renamed into place at the end, so an interrupted or
-failed export leaves nothing half-written under the requested name.
+The checkpoint is checked against its config, and the output folder against what --out / --force allow, before
+anything is written. Everything is then written into a hidden sibling folder and renamed into place at the end
+(`output.py`), so an interrupted, killed or failed export leaves nothing half-written under the requested name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from gemma3.graphs.config import Gemma3Config
-from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint
+from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint, check_tensors
 from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
@@ -35,6 +36,7 @@ from .export_tensorrt import (
 )
 from .lower_ort import lower_to_group_query_attention
 from .lower_ort_images import lower_bidirectional
+from .output import check_output, clean_stale, new_partial, put_in_place
 from .progress import stage
 from .quantize import FP8_MAX
 from .recipes import EMBED, Recipe
@@ -153,21 +155,30 @@ def _versions() -> dict[str, str]:
     return found
 
 
-def _write_tokenizer(checkpoint: Checkpoint, folder: Path) -> str:
-    """tokenizer.model: rebuilt from a GGUF's vocabulary, copied from an HF folder, or (random weights) Gemma 3's."""
+def _tokenizer_writer(checkpoint: Checkpoint) -> Callable[[Path], str]:
+    """What writes tokenizer.model: rebuilt from a GGUF's vocabulary, copied from an HF folder, or (random weights)
+    Gemma 3's. Its source is found now, before anything is written (a missing one fails the export up front)."""
     from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
 
-    target = folder / "tokenizer.model"
-    if isinstance(checkpoint, GGUFCheckpoint):
-        target.write_bytes(sentencepiece_model_from_gguf(checkpoint.source))
-    elif Path(checkpoint.source).is_dir():
-        source = Path(checkpoint.source) / "tokenizer.model"
+    name = "tokenizer.model"
+    if not isinstance(checkpoint, GGUFCheckpoint) and Path(checkpoint.source).is_dir():
+        source = Path(checkpoint.source) / name
         if not source.exists():
             raise CheckpointError(f"{checkpoint.source}: no tokenizer.model (Gemma 3 checkpoints ship one)")
-        shutil.copyfile(source, target)
-    else:  # random weights: every Gemma 3 size shares one tokenizer
-        target.write_bytes(sentencepiece_model_from_gguf(embedded_270m_gguf()))
-    return target.name
+
+        def copy(folder: Path) -> str:
+            shutil.copyfile(source, folder / name)
+            return name
+
+        return copy
+    # random weights: every Gemma 3 size shares one tokenizer, the embedded model's
+    gguf = checkpoint.source if isinstance(checkpoint, GGUFCheckpoint) else embedded_270m_gguf()
+
+    def rebuild(folder: Path) -> str:
+        (folder / name).write_bytes(sentencepiece_model_from_gguf(gguf))
+        return name
+
+    return rebuild
 
 
 def export(
@@ -194,24 +205,25 @@ def export(
         raise ValueError(f"--max-context {max_context}: a context needs at least 2 tokens")
     if max_batch < 1:
         raise ValueError(f"--max-batch {max_batch}: at least 1")
+    fp8_cache = precision.kv_cache == "float8e4m3fn"
+    if fp8_cache and calibration_tokens <= 0:
+        raise ValueError("--kv-cache fp8 needs calibration (its scales are measured)")
+    check_tensors(checkpoint)  # names and shapes only: a broken checkpoint fails here, not halfway through
+    write_tokenizer = _tokenizer_writer(checkpoint)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    clean_stale(out)  # hidden folders of killed exports to this name (may put back an old export)
+    check_output(out, force)
+    work = new_partial(out)
     try:
         log.info("exporting %s (%s) for --target %s --precision %s into %s", config.name, checkpoint.source,
                  target, precision.name, out)
-        tokenizer = _write_tokenizer(checkpoint, work)
+        tokenizer = write_tokenizer(work)
         with stage(f"tracing the decoder step ({config.num_layers} layers)"):
             model, plan = _decoder_graph(config, precision, all_logits=False)
         calibration = None
         random = isinstance(checkpoint, RandomCheckpoint)
-        fp8_cache = precision.kv_cache == "float8e4m3fn"
         needs_scales = any(s.activations for s in precision.schemes()) or fp8_cache
         kv_scales: list[tuple[float, float]] = []
-        if fp8_cache and calibration_tokens <= 0:
-            raise ValueError("--kv-cache fp8 needs calibration (its scales are measured)")
         if (precision.calibrated or fp8_cache) and calibration_tokens > 0 and (not random or needs_scales):
             import sentencepiece
 
@@ -253,7 +265,8 @@ def export(
                 variant, variant_plan = _decoder_graph(config, precision, all_logits=logits == "all",
                                                        images=images)
                 if variant_plan.layout(variant.graph, work) != size:
-                    raise AssertionError(f"{file} planned different weights")
+                    raise AssertionError(f"{file} planned a weights file of another size")
+                _check_same_weights(plan, variant_plan, file)
                 if kv_scales:
                     set_kv_scales(variant, kv_scales)
                 _save_graph(variant, work / file, target, workspace_elements(config, max_batch))
@@ -280,14 +293,23 @@ def export(
             "versions": _versions(),
         }
         (work / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
-        work.chmod(0o755)  # mkdtemp makes it private; the model folder is an ordinary one
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        put_in_place(work, out, force)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return out
+
+
+def _check_same_weights(plan: WeightPlan, variant: WeightPlan, file: str) -> None:
+    """A variant graph reads decoder.onnx.data as written for decoder.onnx: every initializer it names must sit at
+    the same offset with the same length and type (equal totals alone would miss two swapped entries)."""
+    def where(p: WeightPlan) -> dict[str, tuple[int, int, str]]:
+        return {name: (e.offset, e.nbytes, str(e.ir_type)) for name, e in p.entries.items()}
+
+    ours, theirs = where(plan), where(variant)
+    differ = sorted(name for name in ours.keys() | theirs.keys() if ours.get(name) != theirs.get(name))
+    if differ:
+        raise AssertionError(f"{file} plans {len(differ)} initializers differently from decoder.onnx: {differ[:5]}")
 
 
 def _quantization(config: Gemma3Config, recipe: Recipe, calibration: dict | None) -> dict:

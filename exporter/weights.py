@@ -127,7 +127,7 @@ class WeightPlan:
         order = sorted(by_source, key=lambda s: -int(np.prod(shapes[s], dtype=np.int64)))
         progress = Progress(what, sum(e.nbytes for entries in by_source.values() for e in entries))
         with open(path, "wb") as f:
-            f.truncate(size)
+            f.truncate(size)  # sparse: the disk fills while writing, at some pwrite below
         fd = os.open(path, os.O_WRONLY)
         try:
             def one(source):
@@ -136,8 +136,18 @@ class WeightPlan:
             if order:
                 one(order[0])
             with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-                for future in [pool.submit(one, source) for source in order[1:]]:
-                    future.result()  # re-raises the first failure
+                futures = [pool.submit(one, source) for source in order[1:]]
+                try:
+                    for future in futures:
+                        future.result()  # re-raises the first failure
+                except BaseException:
+                    for future in futures:  # stop there: a full disk fails every tensor left
+                        future.cancel()
+                    raise
+        except OSError as e:
+            if e.errno is not None and e.filename is None:  # pwrite's errors (ENOSPC) name no file: name ours
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         finally:
             os.close(fd)
         progress.close()

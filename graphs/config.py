@@ -72,9 +72,16 @@ class Gemma3Config:
     name: str = "custom"  # preset name or where the config came from
 
     def __post_init__(self) -> None:
+        for field in _POSITIVE:  # zero or negative sizes would fail later as a division or an empty graph
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{field} must be a positive integer, got {value!r}")
         if not self.layer_types:
             types = tuple(GLOBAL if (i + 1) % 6 == 0 else LOCAL for i in range(self.num_layers))
             object.__setattr__(self, "layer_types", types)
+        if set(self.layer_types) - {LOCAL, GLOBAL}:
+            raise ValueError(f"layer_types holds {sorted(set(self.layer_types) - {LOCAL, GLOBAL})}; "
+                             f"expected {LOCAL!r} / {GLOBAL!r}")
         if len(self.layer_types) != self.num_layers:
             raise ValueError(f"layer_types has {len(self.layer_types)} entries for {self.num_layers} layers")
         if self.num_heads % self.num_kv_heads:
@@ -106,6 +113,10 @@ class Gemma3Config:
         if "num_layers" in changes and "layer_types" not in changes:
             changes["layer_types"] = ()
         return dataclasses.replace(self, **changes)
+
+
+_POSITIVE = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+             "sliding_window", "max_position_embeddings")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -199,16 +210,21 @@ _HF_LAYER_TYPES = {"sliding_attention": LOCAL, "full_attention": GLOBAL}
 
 def _rope_from_hf(t: dict[str, Any]) -> dict[str, RopeConfig]:
     def one(params: dict[str, Any] | None, default_base: float, where: str) -> RopeConfig:
+        if params is not None and not isinstance(params, dict):
+            raise ValueError(f"config.json: {where} must be a JSON object, got {params!r}")
         params = params or {}
         kind = params.get("rope_type", params.get("type", "default"))
-        base = float(params.get("rope_theta", default_base))
+        base = _as(float, {"rope_theta": default_base, **params}, "rope_theta", f"{where}.")
         if kind == "default":
             return RopeConfig(base)
         if kind == "linear":
-            return RopeConfig(base, float(params["factor"]))
+            return RopeConfig(base, _as(float, params, "factor", f"{where}."))
         raise ValueError(f"config.json: {where} rope_type {kind!r} is not supported (Gemma 3 uses default/linear)")
 
     per_type = t.get("rope_parameters")
+    for key in ("rope_parameters", "rope_scaling"):
+        if t.get(key) is not None and not isinstance(t[key], dict):
+            raise ValueError(f"config.json: {key} must be a JSON object, got {t[key]!r}")
     if isinstance(per_type, dict) and "full_attention" in per_type:  # transformers v5
         return {
             GLOBAL: one(per_type.get("full_attention"), _HF_TEXT_DEFAULTS["rope_theta"], "full_attention"),
@@ -220,13 +236,30 @@ def _rope_from_hf(t: dict[str, Any]) -> dict[str, RopeConfig]:
     scaling.setdefault("rope_theta", t.get("rope_theta", _HF_TEXT_DEFAULTS["rope_theta"]))
     return {
         GLOBAL: one(scaling, _HF_TEXT_DEFAULTS["rope_theta"], "rope_scaling"),
-        LOCAL: RopeConfig(float(t.get("rope_local_base_freq", _HF_TEXT_DEFAULTS["rope_local_base_freq"]))),
+        LOCAL: RopeConfig(_as(float, t, "rope_local_base_freq")),  # t has the default
     }
+
+
+def _as(kind: type, d: dict[str, Any], key: str, where: str = "") -> Any:
+    """d[key] as int / float, or a ValueError naming the field (int("abc") alone would not say which)."""
+    value = d[key]
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            result = kind(value)
+        except ValueError:
+            result = None
+        if result is not None and (kind is not int or result >= 1):  # every integer here is a size or a count
+            return result
+    expected = "a positive integer" if kind is int else "a number"
+    raise ValueError(f"config.json: {where}{key} is {value!r}, expected {expected}")
 
 
 def from_hf_dict(raw: dict[str, Any], name: str = "hf") -> Gemma3Config:
     """Build a config from the contents of a Hugging Face `config.json`."""
     multimodal = "text_config" in raw or "vision_config" in raw
+    for key in ("text_config", "vision_config"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ValueError(f"config.json: {key} must be a JSON object, got {type(raw[key]).__name__}")
     t = {**_HF_TEXT_DEFAULTS, **(raw.get("text_config") or {})} if multimodal else {**_HF_TEXT_DEFAULTS, **raw}
     for key in ("final_logit_softcapping", "attn_logit_softcapping"):
         if t.get(key) is not None:
@@ -235,31 +268,41 @@ def from_hf_dict(raw: dict[str, Any], name: str = "hf") -> Gemma3Config:
         raise ValueError("config.json: use_bidirectional_attention (EmbeddingGemma) is not supported")
     if t.get("hidden_activation", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise ValueError(f"config.json: hidden_activation {t['hidden_activation']!r} is not Gemma 3's gelu_tanh")
-    layers = int(t["num_hidden_layers"])
+    layers = _as(int, t, "num_hidden_layers")
     layer_types: tuple[str, ...] = ()
     if t.get("layer_types"):
+        if not isinstance(t["layer_types"], list):
+            raise ValueError(f"config.json: layer_types must be a list, got {t['layer_types']!r}")
+        for i, x in enumerate(t["layer_types"]):
+            if x not in _HF_LAYER_TYPES:
+                raise ValueError(f"config.json: layer_types[{i}] is {x!r}; Gemma 3 layers are "
+                                 f"{' or '.join(map(repr, _HF_LAYER_TYPES))}")
         layer_types = tuple(_HF_LAYER_TYPES[x] for x in t["layer_types"])
     elif t.get("sliding_window_pattern"):
-        pattern = int(t["sliding_window_pattern"])
+        pattern = _as(int, t, "sliding_window_pattern")
         layer_types = tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(layers))
     vision = None
     if multimodal:
         v = {**_HF_VISION_DEFAULTS, **(raw.get("vision_config") or {})}
         if v.get("vision_use_head"):
             raise ValueError("config.json: vision_config.vision_use_head is set; Gemma 3's tower has no head")
+        def field(key: str, kind: type = int) -> Any:
+            return _as(kind, v, key, "vision_config.")
+
         vision = VisionConfig(
-            image_size=int(v["image_size"]), patch_size=int(v["patch_size"]), hidden_size=int(v["hidden_size"]),
-            intermediate_size=int(v["intermediate_size"]), num_layers=int(v["num_hidden_layers"]),
-            num_heads=int(v["num_attention_heads"]), layer_norm_eps=float(v["layer_norm_eps"]),
-            mm_tokens_per_image=int(raw.get("mm_tokens_per_image", 256)),
+            image_size=field("image_size"), patch_size=field("patch_size"), hidden_size=field("hidden_size"),
+            intermediate_size=field("intermediate_size"), num_layers=field("num_hidden_layers"),
+            num_heads=field("num_attention_heads"), layer_norm_eps=field("layer_norm_eps", float),
+            mm_tokens_per_image=_as(int, {"mm_tokens_per_image": 256, **raw}, "mm_tokens_per_image"),
         )
     return Gemma3Config(
-        name=name, vocab_size=int(t["vocab_size"]), hidden_size=int(t["hidden_size"]),
-        intermediate_size=int(t["intermediate_size"]), num_layers=layers,
-        num_heads=int(t["num_attention_heads"]), num_kv_heads=int(t["num_key_value_heads"]),
-        head_dim=int(t["head_dim"]), query_pre_attn_scalar=float(t["query_pre_attn_scalar"]),
-        sliding_window=int(t["sliding_window"]), max_position_embeddings=int(t["max_position_embeddings"]),
-        rope=_rope_from_hf(t), layer_types=layer_types, rms_norm_eps=float(t["rms_norm_eps"]), vision=vision,
+        name=name, vocab_size=_as(int, t, "vocab_size"), hidden_size=_as(int, t, "hidden_size"),
+        intermediate_size=_as(int, t, "intermediate_size"), num_layers=layers,
+        num_heads=_as(int, t, "num_attention_heads"), num_kv_heads=_as(int, t, "num_key_value_heads"),
+        head_dim=_as(int, t, "head_dim"), query_pre_attn_scalar=_as(float, t, "query_pre_attn_scalar"),
+        sliding_window=_as(int, t, "sliding_window"),
+        max_position_embeddings=_as(int, t, "max_position_embeddings"),
+        rope=_rope_from_hf(t), layer_types=layer_types, rms_norm_eps=_as(float, t, "rms_norm_eps"), vision=vision,
         image_token_id=int(raw.get("image_token_index", raw.get("image_token_id", 262_144))) if multimodal else None,
         boi_token_id=int(raw.get("boi_token_index", 255_999)), eoi_token_id=int(raw.get("eoi_token_index", 256_000)),
     )
@@ -269,13 +312,23 @@ def from_hf_config(path: str | os.PathLike) -> Gemma3Config:
     """Read a checkpoint folder's (or a file's) `config.json`."""
     path = os.fspath(path)
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
-    with open(file, encoding="utf-8") as f:
-        raw = json.load(f)
+    try:
+        with open(file, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{file}: not readable as JSON ({e}); restore it from the checkpoint's source") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: the top level must be a JSON object, got {type(raw).__name__}")
     archs = raw.get("architectures") or []
     known = {"Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Gemma3TextModel", "Gemma3Model"}
-    if archs and not set(archs) & known:
+    if not isinstance(archs, list) or (archs and not set(map(str, archs)) & known):
         raise ValueError(f"{file}: architectures {archs} is not a Gemma 3 model")
-    return from_hf_dict(raw, name=os.path.basename(os.path.dirname(file)) or "hf")
+    try:
+        return from_hf_dict(raw, name=os.path.basename(os.path.dirname(file)) or "hf")
+    except ValueError as e:  # our messages say "config.json: ..."; name the real file instead
+        raise ValueError(f"{file}: {str(e).removeprefix('config.json: ')}") from None
+    except (TypeError, KeyError, AttributeError) as e:  # a field of the wrong JSON type (a list for a number, ...)
+        raise ValueError(f"{file}: a field has the wrong type ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,29 +340,34 @@ def from_gguf_metadata(meta: dict[str, Any], vocab_rows: int, name: str = "gguf"
     if arch != "gemma3":
         raise ValueError(f"GGUF general.architecture is {arch!r}, expected 'gemma3'")
 
-    def get(key: str, default: Any = None) -> Any:
+    def get(key: str, kind: type = int, default: Any = None) -> Any:
         full = f"gemma3.{key}"
-        if full not in meta and default is None:
-            raise ValueError(f"GGUF metadata lacks {full}")
-        return meta.get(full, default)
+        if full not in meta:
+            if default is None:
+                raise ValueError(f"GGUF metadata lacks {full}")
+            return kind(default)
+        value = meta[full]
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return kind(value)
+        raise ValueError(f"GGUF metadata {full} is {str(value)[:40]!r}, expected a number")
 
-    heads = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    layers = int(get("block_count"))
-    head_dim = int(get("attention.key_length", hidden // heads))
-    rope_global = RopeConfig(float(get("rope.freq_base", 1_000_000.0)))
+    heads = get("attention.head_count")
+    hidden = get("embedding_length")
+    layers = get("block_count")
+    head_dim = get("attention.key_length", int, hidden // heads if heads > 0 else 0)
+    rope_global = RopeConfig(get("rope.freq_base", float, 1_000_000.0))
     scaling = meta.get("gemma3.rope.scaling.type")
     if scaling == "linear":
-        rope_global = RopeConfig(rope_global.base, float(get("rope.scaling.factor")))
+        rope_global = RopeConfig(rope_global.base, get("rope.scaling.factor", float))
     elif scaling not in (None, "none"):
         raise ValueError(f"GGUF gemma3.rope.scaling.type {scaling!r} is not supported")
     partial = Gemma3Config(
-        name=name, vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
-        num_layers=layers, num_heads=heads, num_kv_heads=int(get("attention.head_count_kv", heads)),
+        name=name, vocab_size=vocab_rows, hidden_size=hidden, intermediate_size=get("feed_forward_length"),
+        num_layers=layers, num_heads=heads, num_kv_heads=get("attention.head_count_kv", int, heads),
         head_dim=head_dim, query_pre_attn_scalar=float(head_dim),
-        sliding_window=int(get("attention.sliding_window")), max_position_embeddings=int(get("context_length")),
-        rope={LOCAL: RopeConfig(float(get("rope.freq_base_swa", 10_000.0))), GLOBAL: rope_global},
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        sliding_window=get("attention.sliding_window"), max_position_embeddings=get("context_length"),
+        rope={LOCAL: RopeConfig(get("rope.freq_base_swa", float, 10_000.0)), GLOBAL: rope_global},
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", float, 1e-6),
     )
     # GGUF does not store query_pre_attn_scalar; llama.cpp hard-codes it per model size (27b: hidden / heads).
     known = matching_preset(partial)

@@ -24,6 +24,9 @@ from .names import HF_IGNORED, gguf_to_ours, hf_to_ours, is_norm
 log = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+INDEX_FILE = "model.safetensors.index.json"
+MAX_NAMES = 5  # names listed per kind of mismatch; the rest are counted
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<index>\d+)-of-(?P<total>\d+)\.safetensors$")
 
 
 class CheckpointError(ValueError):
@@ -33,6 +36,7 @@ class CheckpointError(ValueError):
 class Checkpoint(ABC):
     config: Gemma3Config
     source: str
+    unknown: tuple[str, ...] = ()  # tensors in the files that are no Gemma 3 weight, as stored (reported by check)
 
     @abstractmethod
     def names(self) -> list[str]:
@@ -59,13 +63,16 @@ class SafetensorsCheckpoint(Checkpoint):
         self.source = str(folder)
         if not (folder / "config.json").exists():
             raise CheckpointError(f"{folder}: no config.json (an HF checkpoint folder needs one)")
-        self.config = from_hf_config(folder)
-        index = folder / "model.safetensors.index.json"
+        try:
+            self.config = from_hf_config(folder)
+        except ValueError as e:  # the message names config.json and the field
+            raise CheckpointError(str(e)) from None
+        index = folder / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+            files = _index_files(index)
         else:
             files = sorted(p.name for p in folder.glob("*.safetensors"))
+            _check_shards(folder, files)
         if not files:
             pickled = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
             if pickled:
@@ -73,6 +80,7 @@ class SafetensorsCheckpoint(Checkpoint):
             raise CheckpointError(f"{folder}: no *.safetensors files")
         self._handles = {}
         self._where: dict[str, tuple[str, str]] = {}  # ours -> (file, hf name)
+        unknown = []
         for file in files:
             path = folder / file
             if not path.exists():
@@ -80,17 +88,19 @@ class SafetensorsCheckpoint(Checkpoint):
             try:
                 handle = _safe_open(path)
             except Exception as e:  # safetensors raises its own error type for truncated / corrupt headers
-                raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+                raise CheckpointError(f"{path}: not a readable safetensors file ({reason(e)}); "
+                                      "download or convert it again") from e
             self._handles[file] = handle
             for hf_name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 ours = hf_to_ours(hf_name)
                 if ours is None:
-                    if hf_name in HF_IGNORED:
-                        continue
-                    raise CheckpointError(f"{path}: unexpected tensor {hf_name!r} (not a Gemma 3 weight)")
+                    if hf_name not in HF_IGNORED:
+                        unknown.append(hf_name)
+                    continue
                 if ours in self._where:
                     raise CheckpointError(f"{path}: tensor {hf_name!r} duplicates {self._where[ours][1]!r}")
                 self._where[ours] = (file, hf_name)
+        self.unknown = tuple(unknown)
 
     def names(self) -> list[str]:
         return list(self._where)
@@ -104,7 +114,7 @@ class SafetensorsCheckpoint(Checkpoint):
         try:
             return self._handles[file].get_tensor(hf_name)
         except Exception as e:
-            raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({e})") from e
+            raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({reason(e)})") from e
 
     def row_chunks(self, name: str, rows: int) -> Iterator[tuple[int, torch.Tensor]]:
         file, hf_name = self._where[name]
@@ -114,7 +124,7 @@ class SafetensorsCheckpoint(Checkpoint):
             for start in range(0, total, rows):
                 yield start, tensor[start:min(start + rows, total)]  # safetensors does not clamp a slice
         except Exception as e:
-            raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({e})") from e
+            raise CheckpointError(f"{self.source}/{file}: cannot read tensor {hf_name!r} ({reason(e)})") from e
 
 
 class GGUFCheckpoint(Checkpoint):
@@ -127,30 +137,36 @@ class GGUFCheckpoint(Checkpoint):
         try:
             self.reader = GGUFReader(str(path))
         except Exception as e:  # truncated files fail inside numpy's memmap / frombuffer
-            raise CheckpointError(f"{path}: not a readable GGUF file ({e})") from e
-        self._tensors = {}
+            raise CheckpointError(f"{path}: not a readable GGUF file ({reason(e)}); download it again") from e
+        self._tensors, unknown = {}, []
         for t in self.reader.tensors:
             ours = gguf_to_ours(t.name)
             if ours is None:
-                if t.name in ("output.weight", "rope_freqs.weight"):  # tied copy / precomputed table: unused
-                    continue
-                raise CheckpointError(f"{path}: unexpected tensor {t.name!r} (not a Gemma 3 text weight)")
+                if t.name not in ("output.weight", "rope_freqs.weight"):  # tied copy / precomputed table: unused
+                    unknown.append(t.name)
+                continue
             self._tensors[ours] = t
+        self.unknown = tuple(unknown)
         embed = self._tensors.get("text.embed_tokens.weight")
         if embed is None:
             raise CheckpointError(f"{path}: no token_embd.weight tensor")
+        if len(embed.shape) != 2:
+            raise CheckpointError(f"{path}: token_embd.weight has {len(embed.shape)} dimensions, expected 2")
         meta = {}
         for key, field in self.reader.fields.items():
             if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.model",):
                 continue  # big vocabulary arrays: read by the tokenizer builder, not needed here
             try:
                 meta[key] = field.contents()
-            except Exception:  # exotic field types we do not need
-                continue
+            except Exception as e:
+                if key.startswith("gemma3.") or key.startswith("general.architecture"):  # needed: say so now
+                    raise CheckpointError(f"{path}: GGUF metadata {key} cannot be parsed ({reason(e)}); "
+                                          "the file is damaged, download it again") from e
+                continue  # a field we never read
         try:
             self.config = from_gguf_metadata(meta, vocab_rows=int(embed.shape[1]), name=path.stem)
-        except ValueError as e:
-            raise CheckpointError(f"{path}: {e}") from e
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"{path}: {reason(e)}") from e
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -165,7 +181,7 @@ class GGUFCheckpoint(Checkpoint):
         try:
             data = dequantize(t.data, t.tensor_type)
         except Exception as e:
-            raise CheckpointError(f"{self.source}: cannot read tensor {t.name!r} ({e})") from e
+            raise CheckpointError(f"{self.source}: cannot read tensor {t.name!r} ({reason(e)})") from e
         data = np.ascontiguousarray(data, dtype=np.float32).reshape(self.shape(name))
         if is_norm(name):
             data = data - 1.0  # llama.cpp stores 1 + w
@@ -213,6 +229,7 @@ def open_checkpoint(path: str | os.PathLike, size: str | None = None) -> Checkpo
         raise CheckpointError(f"{path}: expected an HF checkpoint folder or a .gguf file")
     if size is not None:
         check_size(checkpoint.config, size, checkpoint.source)
+    check_tensors(checkpoint)
     return checkpoint
 
 
@@ -225,3 +242,78 @@ def check_size(config: Gemma3Config, size: str, source: str) -> None:
         have, want = getattr(config, field), getattr(expected, field)
         if have != want:
             raise CheckpointError(f"{source}: {field} is {have}, but --size {size} has {want}")
+
+
+def expected_shapes(config: Gemma3Config) -> dict[str, tuple[int, ...]]:
+    """Every parameter the config's model has, with its shape (built on the meta device: no memory)."""
+    from ..model import Gemma3
+
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in Gemma3(config).named_parameters()}
+
+
+def check_tensors(checkpoint: Checkpoint) -> None:
+    """Raise one CheckpointError listing every missing, misshapen and unexpected tensor (names and shapes only:
+    nothing is read), so an export fails before it writes anything, not in the middle of the weights."""
+    expected = expected_shapes(checkpoint.config)
+    present = checkpoint.names()
+    missing = sorted(set(expected) - set(present), key=list(expected).index)  # in model order
+    misshapen = []
+    for name in present:
+        shape = tuple(checkpoint.shape(name)) if name in expected else None
+        if shape is not None and shape != expected[name]:
+            misshapen.append(f"{name} has shape {shape}, expected {expected[name]}")
+    unexpected = [*checkpoint.unknown, *(name for name in present if name not in expected)]
+    if not (missing or misshapen or unexpected):
+        return
+    parts = [f"{len(found)} {kind} ({some(found)})" for kind, found in
+             (("missing", missing), ("misshapen", misshapen), ("unexpected", unexpected)) if found]
+    c = checkpoint.config
+    raise CheckpointError(f"{checkpoint.source}: the tensors do not match the config ({c.num_layers} layers, hidden "
+                          f"{c.hidden_size}, {'with' if c.vision else 'no'} vision tower): {'; '.join(parts)}. "
+                          "Is every file of the checkpoint there, and is its config the one it was saved with?")
+
+
+def some(names: list[str], limit: int = MAX_NAMES) -> str:
+    """The first `limit` names, then how many more: one bounded line however broken the checkpoint is."""
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def reason(e: BaseException, limit: int = 200) -> str:
+    """A library's exception as one short line (some carry newlines or whole headers)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _index_files(index: Path) -> list[str]:
+    """The shard files an index names; every one must be there."""
+    try:
+        data = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{index}: not readable as JSON ({reason(e)}); restore it from the checkpoint's "
+                              "source") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise CheckpointError(f"{index}: no 'weight_map' object (tensor name -> shard file); restore the index from "
+                              "the checkpoint's source, or delete it to read every *.safetensors file in the folder")
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not (index.parent / f).is_file()]
+    if absent:
+        raise CheckpointError(f"{index.parent}: {len(absent)} of the {len(files)} shards listed in {index.name} "
+                              f"are absent ({some(absent)}); download them again")
+    return files
+
+
+def _check_shards(folder: Path, files: list[str]) -> None:
+    """Without an index, shards named NAME-0000i-of-0000n tell how many there should be."""
+    expected = set()
+    for file in files:
+        shard = _SHARD.match(file)
+        if shard:
+            width, total = len(shard["index"]), int(shard["total"])
+            expected |= {f"{shard['stem']}-{i:0{width}d}-of-{shard['total']}.safetensors" for i in range(1, total + 1)}
+    absent = sorted(expected - set(files))
+    if absent:
+        raise CheckpointError(f"{folder}: {len(absent)} of the {len(expected)} shards are absent ({some(absent)}) "
+                              f"and there is no {INDEX_FILE}; download them again")
