@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # basicConfig leaves a level set earlier in the process (an embedding program, the exporter's CLI) alone;
+    # ours decides -v, which also decides whether ONNX Runtime's own log shows (ort_decoder.session_options).
+    logging.getLogger("gemma3").setLevel(logging.INFO if args.verbose else logging.WARNING)
     if args.raw and (args.chat or args.system is not None):
         parser.error("--raw cannot be combined with --chat or --system (both need the chat template)")
     if args.max_new_tokens < 0:

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
+    # basicConfig leaves a level set earlier in the process (an embedding program, the exporter's CLI) alone;
+    # ours decides -v, which also decides whether ONNX Runtime's own log shows (ort_decoder.session_options).
+    logging.getLogger("gemma3").setLevel(logging.INFO if args.verbose else logging.WARNING)
     try:
         if min(args.targets, args.window, args.chunk) < 1 or (args.threads is not None and args.threads < 1):
             raise ValueError("--targets, --window, --chunk and --threads must be positive")
