@@ -55,6 +55,14 @@ class _LayerCache:
         return self.key.array.shape[2]
 
 
+def check_room(length: int, new_tokens: int, max_context: int) -> None:
+    """Raise `ContextLengthError` unless `new_tokens` more positions fit in max_context (every cache kind)."""
+    if length + new_tokens > max_context:
+        raise ContextLengthError(
+            f"{length} tokens in context + {new_tokens} new would exceed the model's context of {max_context} tokens"
+        )
+
+
 def round_capacity(rows: int, max_context: int) -> int:
     """`rows` rounded up to the allocation granularity, capped at max_context."""
     return min(max_context, -(-max(rows, 1) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
@@ -103,12 +111,7 @@ class KVCache:
         return sum(layer.key.array.nbytes + layer.value.array.nbytes for layer in self.layers)
 
     def check_room(self, new_tokens: int) -> None:
-        """Raise `ContextLengthError` unless `new_tokens` more positions fit in max_context."""
-        if self.length + new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"{self.length} tokens in context + {new_tokens} new would exceed the model's "
-                f"context of {self.max_context} tokens"
-            )
+        check_room(self.length, new_tokens, self.max_context)
 
     def reserve(self, new_tokens: int) -> bool:
         """Make the global caches hold `length + new_tokens` rows; True if buffers were reallocated."""

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from gemma3.runtime.kv_cache import KVCache, round_capacity
 from gemma3.runtime.manifest import MANIFEST_FILE, DecoderSpec, Manifest, ManifestError, require_file
+from gemma3.runtime.prefill import prefill_in_steps
 
 log = logging.getLogger(__name__)
 
@@ -210,20 +211,4 @@ class OrtDecoder:
                 ) -> np.ndarray:
         """Feed `ids` in chunks of at most `chunk_size` (longer only to keep an image whole); the logits of the
         last chunk's step. `image_features` [rows, hidden]: the rows of every image soft token in `ids`."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("nothing to prefill")
-        cache.check_room(ids.size)  # fail before running anything
-        cache.reserve(ids.size)  # grow once for the whole prompt, not chunk by chunk
-        image = self.manifest.model.image_token_id if self.sees_images else None
-        rows = int((ids == image).sum()) if image is not None else 0
-        given = 0 if image_features is None else len(image_features)
-        if rows != given:
-            raise ValueError(f"the prompt has {rows} image soft tokens but {given} image feature rows")
-        logits, used = None, 0
-        for start, end in self.chunks(ids):
-            chunk = ids[start:end]
-            n = int((chunk == image).sum()) if image is not None else 0
-            logits = self.step(cache, chunk, image_features[used:used + n] if n else None)
-            used += n
-        return logits
+        return prefill_in_steps(self, cache, ids, image_features)

@@ -21,8 +21,9 @@ import weakref
 
 import numpy as np
 
-from gemma3.runtime.kv_cache import ContextLengthError
+from gemma3.runtime.kv_cache import check_room
 from gemma3.runtime.manifest import GLOBAL, Manifest, ManifestError
+from gemma3.runtime.prefill import prefill_in_steps
 from gemma3.runtime.tensorrt import cuda
 from gemma3.runtime.tensorrt.engines import (
     DECODE,
@@ -79,11 +80,7 @@ class DeviceCache:
         return self.memory.nbytes
 
     def check_room(self, new_tokens: int) -> None:
-        if self.length + new_tokens > self.max_context:
-            raise ContextLengthError(
-                f"{self.length} tokens in context + {new_tokens} new would exceed the model's "
-                f"context of {self.max_context} tokens"
-            )
+        check_room(self.length, new_tokens, self.max_context)
 
     def reserve(self, new_tokens: int) -> bool:
         self.check_room(new_tokens)
@@ -300,19 +297,4 @@ class TensorRTDecoder:
                 ) -> np.ndarray:
         """Feed `ids` in steps of at most `chunk_size` tokens; the last step's logits. `image_features`
         [rows, hidden]: the rows of every image soft token in `ids`, in order."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        if ids.size == 0:
-            raise ValueError("nothing to prefill")
-        cache.check_room(ids.size)  # fail before running anything
-        image = self.manifest.model.image_token_id if self.sees_images else None
-        rows = int((ids == image).sum()) if image is not None else 0
-        given = 0 if image_features is None else len(image_features)
-        if rows != given:
-            raise ValueError(f"the prompt has {rows} image soft tokens but {given} image feature rows")
-        logits, used = None, 0
-        for start, end in self.chunks(ids):
-            chunk = ids[start:end]
-            n = int((chunk == image).sum()) if image is not None else 0
-            logits = self.step(cache, chunk, image_features[used:used + n] if n else None)
-            used += n
-        return logits
+        return prefill_in_steps(self, cache, ids, image_features)
