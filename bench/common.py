@@ -132,6 +132,14 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.1, sample_s: float 
             return share
 
 
+def _foreign_share(busy0: int, own0: int, wall0: float) -> float:
+    """Other processes on the machine steal cores from a 2-thread run: the share of the machine they used since
+    (busy0, own0) = _cpu_ticks() at perf_counter() wall0."""
+    busy1, own1 = _cpu_ticks()
+    capacity = (time.perf_counter() - wall0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
+    return max(0, (busy1 - busy0) - (own1 - own0)) / capacity if capacity > 0 else 0.0
+
+
 def measure_speed(
     reset: Callable[[], None],
     prefill: Callable[[list[int]], int],
@@ -164,10 +172,7 @@ def measure_speed(
         if run:  # run 0 is the warm-up: allocations, kernel selection, page faults
             prefill_s.append(t1 - t0)
             decode_s.append(t2 - t1)
-    busy1, own1 = _cpu_ticks()
-    # Other processes on the machine steal cores from a 2-thread run; say how much they used meanwhile.
-    capacity = (time.perf_counter() - wall0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-    foreign = max(0, (busy1 - busy0) - (own1 - own0)) / capacity if capacity > 0 else 0.0
+    foreign = _foreign_share(busy0, own0, wall0)
     return {
         "prefill_tok_s": len(prompt) / statistics.median(prefill_s),
         "decode_tok_s": decode_tokens / statistics.median(decode_s),
@@ -193,9 +198,7 @@ def measure_native(run: Callable[[], tuple[float, float, list[int]]], prompt_tok
         if index:
             first_s.append(first)
             rest_s.append(rest)
-    busy1, own1 = _cpu_ticks()
-    capacity = (time.perf_counter() - wall0) * os.sysconf("SC_CLK_TCK") * (os.cpu_count() or 1)
-    foreign = max(0, (busy1 - busy0) - (own1 - own0)) / capacity if capacity > 0 else 0.0
+    foreign = _foreign_share(busy0, own0, wall0)
     return {
         "prefill_tok_s": prompt_tokens / statistics.median(first_s),
         "decode_tok_s": (len(tokens) - 1) / statistics.median(rest_s),

@@ -60,12 +60,9 @@ def read_manifest(model_dir: Path) -> dict[str, Any]:
 
 
 def _gpu() -> dict[str, Any]:
-    from triton.runtime import driver
+    from gemma3.plugins.attention_aot import arch_for_capability, current_capability
 
-    from gemma3.plugins.attention_aot import arch_for_capability
-
-    capability = driver.active.get_current_target().arch
-    major, minor = capability // 10, capability % 10
+    major, minor = current_capability()
     try:  # the name is only for people reading engines.json
         import torch
 

@@ -21,7 +21,7 @@ import onnx
 import onnx_ir as ir
 
 from gemma3.graphs.config import Gemma3Config
-from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint, check_tensors
+from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint
 from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
@@ -208,7 +208,6 @@ def export(
     fp8_cache = precision.kv_cache == "float8e4m3fn"
     if fp8_cache and calibration_tokens <= 0:
         raise ValueError("--kv-cache fp8 needs calibration (its scales are measured)")
-    check_tensors(checkpoint)  # names and shapes only: a broken checkpoint fails here, not halfway through
     write_tokenizer = _tokenizer_writer(checkpoint)
     out = Path(out_dir)
     clean_stale(out)  # hidden folders of killed exports to this name (may put back an old export)
@@ -246,9 +245,10 @@ def export(
                                        "model's activations on the calibration text (meaningless for a real model, "
                                        "but measured, not guessed); no importance or error feedback")
         size = plan.layout(model.graph, work)
+        workspace = workspace_elements(config, max_batch)  # the plugin's scratch input (tensorrt graphs)
         plan.write(checkpoint, work / DATA_FILE, size, what=f"writing {DATA_FILE}")
         with stage("saving decoder.onnx"):
-            _save_graph(model, work / "decoder.onnx", target, workspace_elements(config, max_batch))
+            _save_graph(model, work / "decoder.onnx", target, workspace)
 
         def io(file: str, logits: str, images: bool = False) -> dict:
             if target == "ort":
@@ -269,7 +269,7 @@ def export(
                 _check_same_weights(plan, variant_plan, file)
                 if kv_scales:
                     set_kv_scales(variant, kv_scales)
-                _save_graph(variant, work / file, target, workspace_elements(config, max_batch))
+                _save_graph(variant, work / file, target, workspace)
             manifest[key] = io(file, logits, images)
         if config.vision is not None:
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",

@@ -54,6 +54,14 @@ def arch_for_capability(major: int, minor: int) -> str:
                      "sm_89 and sm_90a (Ampere, Ada, Hopper)")
 
 
+def current_capability() -> tuple[int, int]:
+    """The compute capability of the GPU this process sees (engines are built on the GPU they run on)."""
+    from triton.runtime import driver
+
+    arch = driver.active.get_current_target().arch
+    return arch // 10, arch % 10
+
+
 def entry_params(ptx: str) -> tuple[str, ...]:
     """The parameter types of the PTX's single `.entry`, e.g. ('u64', 'u64', 'u32', ...)."""
     entries = re.findall(r"\.entry\s+\w+\s*\(([^)]*)\)", ptx)

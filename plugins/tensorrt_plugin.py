@@ -60,7 +60,7 @@ def register() -> None:
     import tensorrt as trt
     import tensorrt.plugin as trtp
 
-    from gemma3.plugins.attention_aot import arch_for_capability, compile_kernel
+    from gemma3.plugins.attention_aot import arch_for_capability, compile_kernel, current_capability
 
     from_trt = {trt.float32: "float32", trt.float16: "float16", trt.bfloat16: "bfloat16", trt.fp8: "float8e4m3fn"}
 
@@ -86,7 +86,7 @@ def register() -> None:
         attrs = launch.Attributes(int(num_heads), int(num_kv_heads), int(head_dim), float(np.float32(scale)),
                                   int(window), float(np.float32(k_scale)), float(np.float32(v_scale)))
         chosen = tactic_for(tactic)
-        major, minor = _current_capability()
+        major, minor = current_capability()
         kernel = compile_kernel(attrs, from_trt[q.dtype], from_trt[k_cache.dtype], chosen,
                                 arch_for_capability(major, minor))
         spec = launch_spec(attrs, q.shape_expr[1], q.shape_expr[0], k_cache.shape_expr[2], chosen, trtp.cdiv)
@@ -98,11 +98,3 @@ def register() -> None:
         return kernel.name.encode(), kernel.ptx.encode(), params, scalars
 
     _registered = True
-
-
-def _current_capability() -> tuple[int, int]:
-    """The build GPU's compute capability (engines are built on the GPU they run on)."""
-    from triton.runtime import driver
-
-    arch = driver.active.get_current_target().arch
-    return arch // 10, arch % 10

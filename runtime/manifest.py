@@ -256,6 +256,18 @@ def _model(r: _Reader, d: dict[str, Any]) -> ModelInfo:
     )
 
 
+def read_json_object(path: Path) -> tuple[_Reader, dict[str, Any]]:
+    """A JSON file whose top level is an object, and a reader naming the file in its errors (one line each)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8 and int-digit-limit errors
+        raise ManifestError(f"{path}: cannot read it as JSON ({e or type(e).__name__})") from None
+    r = _Reader(str(path))
+    if not isinstance(data, dict):
+        raise r.fail("the top level must be a JSON object")
+    return r, data
+
+
 def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     """Read and check `model_dir/manifest.json`; raise `ManifestError` with a one-line reason otherwise."""
     root = Path(model_dir)
@@ -264,13 +276,7 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise ManifestError(f"no {MANIFEST_FILE} in {str(root)!r}: is this a folder written by gemma3-export?")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON, UTF-8 and int-digit-limit errors
-        raise ManifestError(f"{path}: cannot read it as JSON ({e or type(e).__name__})") from None
-    r = _Reader(str(path))
-    if not isinstance(data, dict):
-        raise r.fail("the top level must be a JSON object")
+    r, data = read_json_object(path)
     version = r.get(data, "format_version", "", int)
     if version != FORMAT_VERSION:
         raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION}): "

@@ -18,8 +18,7 @@ def prefill_in_steps(decoder: Any, cache: Any, ids: np.ndarray | list[int],
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
     if ids.size == 0:
         raise ValueError("nothing to prefill")
-    cache.check_room(ids.size)  # fail before running anything
-    cache.reserve(ids.size)  # a growing cache grows once for the whole prompt, not chunk by chunk
+    cache.reserve(ids.size)  # checks room before anything runs; a growing cache grows once, not chunk by chunk
     image = decoder.manifest.model.image_token_id if decoder.sees_images else None
     rows = int((ids == image).sum()) if image is not None else 0
     given = 0 if image_features is None else len(image_features)

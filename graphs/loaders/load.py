@@ -9,13 +9,12 @@ from tqdm import tqdm
 
 from ..model import Gemma3
 from ..rope import RotaryTables
-from .checkpoint import Checkpoint, CheckpointError, check_tensors, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 
 def model_from_checkpoint(checkpoint: Checkpoint, dtype: torch.dtype = torch.float32) -> Gemma3:
     with torch.device("meta"):  # no memory for random init: every parameter comes from the checkpoint
         model = Gemma3(checkpoint.config)
-    check_tensors(checkpoint)  # every missing / misshapen / unexpected tensor in one message, before any read
     expected = dict(model.named_parameters())
     state = {}
     for name in tqdm(expected, desc="loading weights", unit="tensor", leave=False, disable=None):

@@ -12,7 +12,6 @@ deserialized engine reports (through `TrtEngineView`, or any object with the sam
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gemma3.plugins.attention_aot import arch_for_capability
-from gemma3.runtime.manifest import LOCAL, Manifest, ManifestError, _Reader
+from gemma3.runtime.manifest import LOCAL, Manifest, ManifestError, _Reader, read_json_object
 from gemma3.runtime.tensorrt import cuda
 from gemma3.runtime.tensorrt.cuda import ITEMSIZE
 
@@ -112,13 +111,7 @@ def read_engines(model_dir: str | os.PathLike) -> EngineSpec:
     path = engines_path(model_dir)
     if not path.is_file():
         raise ManifestError(NO_ENGINES.format(root=Path(model_dir)))
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ManifestError(f"{path}: cannot read it as JSON ({e})") from None
-    r = _Reader(str(path))
-    if not isinstance(data, dict):
-        raise r.fail("the top level must be a JSON object")
+    r, data = read_json_object(path)
     version = r.get(data, "format_version", "", int)
     if version != FORMAT_VERSION:
         raise r.fail(f"format_version {version} is not supported (this runtime reads version {FORMAT_VERSION})")
