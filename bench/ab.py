@@ -22,9 +22,18 @@ import sys
 from pathlib import Path
 
 from bench import ours, peers
-from bench.common import peers_python, run_child
+from bench.common import peers_python, run_child, stream_bandwidth
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def weight_bytes(name: str, job: dict) -> int | None:
+    """Bytes of weights a system reads per decoded token: its weights files on disk."""
+    if name == "llama.cpp":
+        return Path(job["gguf"]).stat().st_size
+    folder = Path(job["model_dir"])
+    files = [*folder.glob("*.onnx.data")] if name == "genai" else [folder / "decoder.onnx.data"]
+    return sum(f.stat().st_size for f in files if f.exists()) or None
 
 
 def _systems(precision: str, inputs: peers.BenchInputs, llamacpp: bool) -> dict[str, tuple[str, str, str, dict]]:
@@ -72,6 +81,19 @@ def main() -> None:
                                   "per_round": values}
         print(f"{key}: median {statistics.median(values):.3f} (min {min(values):.3f}, max {max(values):.3f}) "
               f"over {len(values)} rounds")
+    bandwidth = stream_bandwidth()
+    summary["stream_bandwidth_gb_s"] = bandwidth / 1e9
+    summary["bandwidth_fraction"] = {}
+    print(f"streaming bandwidth (1 GiB numpy copy, 2 threads, read + write): {bandwidth / 1e9:.2f} GB/s")
+    for name in names:
+        nbytes = weight_bytes(name, systems[name][3])
+        if nbytes is None:
+            continue
+        rate = statistics.median(r["rates"][name] for r in rounds)
+        fraction = nbytes * rate / bandwidth
+        summary["bandwidth_fraction"][name] = {"weight_bytes": nbytes, "decode_tok_s": rate, "fraction": fraction}
+        print(f"{name}: {nbytes / 2**20:.0f} MiB of weights per token x {rate:.1f} tok/s = "
+              f"{nbytes * rate / 1e9:.2f} GB/s, {100 * fraction:.0f}% of the streaming bandwidth")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"ab-{args.precision}.json").write_text(json.dumps(summary, indent=1))
 

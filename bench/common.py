@@ -218,6 +218,34 @@ def child_main(modes: dict[str, Callable[[dict[str, Any]], dict[str, Any]]]) -> 
     Path(out_path).write_text(json.dumps(out))
 
 
+def stream_bandwidth(gib: float = 1.0, threads: int = THREADS, repeats: int = 5) -> float:
+    """This machine's streaming bandwidth in bytes/s: the best of `repeats` copies of a `gib` GiB numpy array,
+    split across `threads` threads (numpy releases the GIL while copying), counting the bytes read and written.
+    The ceiling a memory-bound decode step can approach: every weight is read once per token."""
+    import threading
+
+    import numpy as np
+
+    src = np.ones(int(gib * 2**30) // 8, dtype=np.float64)  # ones, not empty: the pages are really mapped
+    dst = np.zeros_like(src)
+    parts = np.array_split(np.arange(src.size), threads)
+    bounds = [(int(p[0]), int(p[-1]) + 1) for p in parts]
+
+    def copy(lo: int, hi: int) -> None:
+        np.copyto(dst[lo:hi], src[lo:hi])
+
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=copy, args=b) for b in bounds]
+        t0 = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * src.nbytes / best
+
+
 # --- in the parent --------------------------------------------------------------------------------------
 
 
