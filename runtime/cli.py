@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if args.max_crops < 1:
         parser.error("--max-crops must be >= 1")
+    if args.draft_tokens is not None and args.speculative == "off":
+        parser.error("--draft-tokens needs --speculative lookup or draft:DIR")
     try:
         return _run(args)
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly

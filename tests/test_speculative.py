@@ -336,3 +336,6 @@ def test_cli_speculative(capsys, api_dirs, api_model):
         assert main([*args, *bad]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+    with pytest.raises(SystemExit) as info:  # argparse's usage error
+        main([*args, "--draft-tokens", "3"])
+    assert info.value.code == 2 and "--draft-tokens needs --speculative" in capsys.readouterr().err
