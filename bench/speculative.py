@@ -28,31 +28,38 @@ PASSAGE = (
     "to keep well clear of the rocks below. In winter storms the keeper stayed awake until morning, watching the "
     "light and listening to the waves break against the tower."
 )
-PROMPTS = {
-    "repeating": f"Copy this passage exactly, word for word:\n\n{PASSAGE}",
-    "plain": "Write a short story about a robot who learns to paint.",
+PROMPTS = {  # name -> (prompt, raw: no chat template)
+    "repeating": (f"Copy this passage exactly, word for word:\n\n{PASSAGE}", False),
+    # the 270M is a base model: through the chat template this one loops ("buy\nbuy\n..."), which lookup drafts
+    "plain": ("Write a short story about a robot who learns to paint.", False),
+    "prose": ("The printing press changed Europe in several ways. First,", True),  # raw continuation
 }
 
 
-def _rounds(model, prompt: str, new_tokens: int, rounds: int, k: int) -> dict:
+def _first_diff(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def _rounds(model, prompt: tuple[str, bool], new_tokens: int, rounds: int, k: int) -> dict:
     rows = []
     for i in range(rounds):
         runs = {}
         for name in (("plain", "lookup") if i % 2 == 0 else ("lookup", "plain")):
             spec = None if name == "plain" else "lookup"
-            runs[name] = model.generate(prompt, temperature=0, max_new_tokens=new_tokens, speculative=spec,
-                                        draft_tokens=k if spec else None)
+            runs[name] = model.generate(prompt[0], raw=prompt[1], temperature=0, max_new_tokens=new_tokens,
+                                        speculative=spec, draft_tokens=k if spec else None)
         plain, fast = runs["plain"], runs["lookup"]
         rows.append({
             "plain_tok_s": plain.stats.decode_tokens_per_s, "spec_tok_s": fast.stats.decode_tokens_per_s,
             "ratio": fast.stats.decode_tokens_per_s / plain.stats.decode_tokens_per_s,
-            "same_tokens": fast.token_ids == plain.token_ids, "acceptance": fast.stats.acceptance_rate,
+            "same_tokens": fast.token_ids == plain.token_ids,
+            "first_diff": _first_diff(fast.token_ids, plain.token_ids), "acceptance": fast.stats.acceptance_rate,
             "tokens_per_step": fast.stats.tokens_per_step, "generated": fast.stats.generated_tokens,
         })
         r = rows[-1]
         print(f"  round {i + 1}: plain {r['plain_tok_s']:.1f} tok/s, lookup {r['spec_tok_s']:.1f} tok/s, ratio "
               f"{r['ratio']:.3f}, acceptance {r['acceptance']:.3f}, {r['tokens_per_step']:.2f} tokens/step, "
-              f"same tokens: {r['same_tokens']}", flush=True)
+              f"same tokens: {r['same_tokens']} (first difference: {r['first_diff']})", flush=True)
     ratios = [r["ratio"] for r in rows]
     return {"k": k, "rounds": rows, "median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
             "max_ratio": max(ratios), "all_same_tokens": all(r["same_tokens"] for r in rows)}
@@ -64,14 +71,14 @@ def lookup_bench(model_dir: str, rounds: int, new_tokens: int, ks: list[int], th
 
     model = load(model_dir, threads=threads)
     out: dict = {"model": model_dir, "new_tokens": new_tokens}
-    model.generate(PROMPTS["plain"], temperature=0, max_new_tokens=8)  # warm-up
-    for name, prompt in PROMPTS.items():
+    model.generate(PROMPTS["plain"][0], temperature=0, max_new_tokens=8)  # warm-up
+    for name, prompt in PROMPTS.items():  # (text, raw)
         print(f"{name} prompt, k={DEFAULT_DRAFT_TOKENS}:", flush=True)
         out[name] = _rounds(model, prompt, new_tokens, rounds, DEFAULT_DRAFT_TOKENS)
         print(f"  median ratio {out[name]['median_ratio']:.3f} (min {out[name]['min_ratio']:.3f}, max "
               f"{out[name]['max_ratio']:.3f})", flush=True)
     out["k_sweep"] = {}
-    for k in ks:
+    for k in ks:  # --k "" skips the sweep
         print(f"repeating prompt, k={k}:", flush=True)
         out["k_sweep"][k] = _rounds(model, PROMPTS["repeating"], new_tokens, max(2, rounds // 2), k)
     return out
@@ -135,7 +142,7 @@ def main() -> None:
     parser.add_argument("--draft", help="its draft export (e.g. a random-weight 270m)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--k", default="2,3,6,8", help="draft lengths of the sweep (comma-separated)")
+    parser.add_argument("--k", default="2,3,6,8", help="draft lengths of the sweep (comma-separated; '' skips it)")
     parser.add_argument("--context", type=int, default=256, help="position of the timed verify steps")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int)
@@ -146,7 +153,7 @@ def main() -> None:
     results = {}
     if args.model:
         results["lookup"] = lookup_bench(args.model, args.rounds, args.new_tokens,
-                                         [int(k) for k in args.k.split(",")], args.threads)
+                                         [int(k) for k in args.k.split(",") if k], args.threads)
     if args.target and args.draft:
         results["draft"] = draft_bench(args.target, args.draft, args.threads, args.context, args.repeats)
     if args.out:
