@@ -19,6 +19,7 @@ decoder interface (new_cache, step, prefill, chunks), which is all that generati
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -136,6 +137,7 @@ class Model:
             raise ManifestError(f"{manifest.root / MANIFEST_FILE}: 'generation_defaults': {e}") from None
         self._vision: Vision | None = None
         self._drafts: dict[str, DraftModel] = {}  # draft models by folder, loaded on first use
+        self._noise_noted = False  # the int8-activation caveat of speculative decoding is logged once
 
     def drafter(self, speculative: SpeculativeArg,
                 draft_tokens: int | None = None) -> tuple[Speculative, Drafter] | None:
@@ -149,6 +151,12 @@ class Model:
         if not getattr(self.decoder, "multi_logits", False):
             raise ManifestError(f"{self.manifest.decoder.file.name} returns one position's logits per step: "
                                 "speculative decoding needs logits_count (re-export the model)")
+        if not self._noise_noted:
+            self._noise_noted = True
+            if int8_activations(self.manifest):
+                log.warning("this export computes with int8 activations (accuracy_level 4): a multi-token verify "
+                            "step's logits differ from single-token steps' by rounding noise, so at a near-tie "
+                            "speculative greedy output can differ from plain greedy output")
         if spec.method == "lookup":
             image = self.manifest.model.image_token_id
             return spec, LookupDrafter(exclude=() if image is None else (image,))
@@ -355,6 +363,15 @@ def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: i
 
     trt_decoder = TensorRTDecoder(manifest, engines, chunk_size=chunk_size)
     return Model(manifest, tokenizer, trt_decoder, vision=trt_decoder.vision)
+
+
+def int8_activations(manifest: Manifest) -> bool:
+    """Whether the export's quantized matmuls round their activations to int8 (MatMulNBits accuracy_level 4)."""
+    try:
+        quantization = json.loads((manifest.root / MANIFEST_FILE).read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(quantization, dict) and quantization.get("accuracy_level") == 4
 
 
 def load_tokenizer(manifest: Manifest) -> Tokenizer:

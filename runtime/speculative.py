@@ -8,6 +8,9 @@ back to the accepted tokens (`KVCache.rollback`): global rows are simply rewritt
 short (`KVCache.rewindable`) so that no local ring compacts after the step's first token, which is what keeps
 their rows exactly those of plain decoding. Emitting g_0..g_m runs the plain loop's checks token by token, so
 stop tokens, max_new_tokens and the context limit end generation exactly where `generate` would.
+Exact up to floating point: a k + 1-token step computes the same positions as k + 1 single-token steps with
+other kernels, so its logits differ by rounding (~1e-5 relative in fp32; ~0.1 logit on exports with int8
+activations, accuracy_level 4, where rounding flips activation codes), and a near-tie can resolve differently.
 
 Drafters: `LookupDrafter` (prompt lookup: the tokens that followed the latest earlier occurrence of the
 context's last n-gram) and `DraftModel` (a smaller export with the same tokenizer, e.g. the 270M for 1B..27B,
