@@ -92,8 +92,9 @@ def _error_feedback_weights(config: Gemma3Config, recipe: Recipe) -> tuple[set[s
 
 def _decoder_graph(config: Gemma3Config, precision: Recipe, all_logits: bool,
                    images: bool = False) -> tuple[ir.Model, WeightPlan]:
-    if precision.target == "ort":
-        model = trace_decoder(config, all_logits=all_logits, images=images)
+    if precision.target == "ort":  # the generation graph takes logits_count (speculative verification)
+        model = trace_decoder(config, all_logits=all_logits, images=images,
+                              logits_count=not (all_logits or images))
         (lower_bidirectional if images else lower_to_group_query_attention)(model)
     else:  # the HybridAttention nodes stay for TensorRT's plugin
         model = trace_tensorrt(config, precision, all_logits)
@@ -140,6 +141,8 @@ def _io(config: Gemma3Config, file: str, logits: str, images: bool = False) -> d
         })
     io = {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
           "logits_output": "logits", "cache_dtype": "float32", "layers": layers}
+    if logits == "last" and not images:
+        io["logits_count"] = "logits_count"  # 0-d int64 n: logits [1, n, vocab] of the step's last n positions
     if images:
         io["image_features"] = "image_features"  # [rows, hidden]: the soft tokens' rows in this step, in order
     return io

@@ -49,9 +49,10 @@ class DecoderStep(torch.nn.Module):
         self.all_logits = all_logits
 
     def forward(self, input_ids: torch.Tensor, past_len: torch.Tensor, cache: list[torch.Tensor],
-                image_features: torch.Tensor | None = None):
+                image_features: torch.Tensor | None = None, logits_count: torch.Tensor | None = None):
         pairs = [(cache[2 * i], cache[2 * i + 1]) for i in range(len(cache) // 2)]
-        logits, new_cache = self.model.step(input_ids, past_len, pairs, image_features, last_only=not self.all_logits)
+        logits, new_cache = self.model.step(input_ids, past_len, pairs, image_features,
+                                            last_only=not self.all_logits, logits_count=logits_count)
         return (logits.float(), *[t for pair in new_cache for t in pair])  # fp32 logits whatever the compute dtype
 
 
@@ -63,7 +64,7 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
 
 def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False,
                   dtype: torch.dtype = torch.float32, batched: bool = False,
-                  cache_dtype: torch.dtype | None = None) -> ir.Model:
+                  cache_dtype: torch.dtype | None = None, logits_count: bool = False) -> ir.Model:
     """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
 
     images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
@@ -73,7 +74,11 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
     sequence, `past_len` a 0-d int64.
     cache_dtype: the caches' type when it is not the compute dtype (tensorrt fp8 caches; their scales are set on
     the attention nodes after calibration, `export_tensorrt.set_kv_scales`).
+    logits_count: the step also takes `logits_count` (0-d int64 n, 1 <= n <= S, the last input) and returns the
+    logits of its last n positions: one graph serves generation (n = 1) and speculative verification (n > 1).
     """
+    if logits_count and (all_logits or images or batched):
+        raise ValueError("logits_count applies to the one-sequence text decoder with last-position logits")
     if images and config.vision is None:
         raise ValueError(f"the {config.name} model is text-only; it has no image graph")
     layers = config.num_layers
@@ -101,6 +106,9 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
         if images:
             args += (torch.zeros((2, config.hidden_size), dtype=dtype),)
             dynamic_shapes += ({0: "image_rows"},)
+        elif logits_count:
+            args += (None, torch.tensor(2, dtype=torch.int64))
+            dynamic_shapes += (None, None)
         with warnings.catch_warnings():  # torch.export's deprecation chatter says nothing about our model
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
@@ -109,16 +117,18 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
                 custom_translation_table={torch.ops.gemma3.hybrid_attention.default: _hybrid_attention},
             )
     onnx_model = program.model
-    _name_io(onnx_model.graph, layers, images)
+    _name_io(onnx_model.graph, layers, images, logits_count)
     return onnx_model
 
 
-def _name_io(graph: ir.Graph, layers: int, images: bool) -> None:
+def _name_io(graph: ir.Graph, layers: int, images: bool, logits_count: bool = False) -> None:
     """Stable, documented IO names: input_ids, past_len, past_key.{i}, past_value.{i}[, image_features]
-    -> logits, present_key.{i}, present_value.{i}."""
+    [, logits_count] -> logits, present_key.{i}, present_value.{i}."""
     graph.inputs[0].name, graph.inputs[1].name = "input_ids", "past_len"
     if images:
         graph.inputs[2 + 2 * layers].name = "image_features"
+    if logits_count:
+        graph.inputs[2 + 2 * layers].name = "logits_count"
     graph.outputs[0].name = "logits"
     for i in range(layers):
         graph.inputs[2 + 2 * i].name = f"past_key.{i}"

@@ -41,6 +41,7 @@ class Gemma3(nn.Module):
         cache: KVCache,
         image_features: torch.Tensor | None = None,
         last_only: bool = False,
+        logits_count: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, KVCache]:
         """input_ids (B, S) after `past_len` (0-d int64) cached tokens -> logits (B, S, vocab), updated cache.
 
@@ -48,11 +49,18 @@ class Gemma3(nn.Module):
         one image across steps, so its bidirectional group is complete here.
         last_only: logits of the last position only (B, 1, vocab): generation needs no more, and the lm_head
         over a whole prefill chunk would cost more than the chunk's layers (262144 x hidden per position).
+        logits_count (0-d int64, 1 <= n <= S): logits of the last n positions (B, n, vocab) instead; speculative
+        decoding verifies n drafted tokens in one step, and n = 1 costs what `last_only` does.
         """
         x = self.text.embed(input_ids, image_features)
         groups = image_groups(input_ids, self.config.image_token_id)
         hidden, cache = self.text.step(x, past_len, groups, cache)
-        if last_only:
+        if logits_count is not None:
+            n, length = logits_count.item(), hidden.shape[1]
+            torch._check(n >= 1)
+            torch._check(n <= length)
+            hidden = hidden.narrow(1, length - n, n)  # traced as a Slice with a runtime start
+        elif last_only:
             hidden = hidden[:, -1:]
         return self.text.logits(hidden), cache
 

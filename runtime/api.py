@@ -7,6 +7,10 @@
     chat = model.chat(system="Answer briefly.")
     chat.send("Name a prime.")  # prefills the whole template
     chat.send("Another one?")  # prefills only `<end_of_turn>\\n<start_of_turn>user\\n...`: the cache is kept
+    model.generate("Quote the passage: ...", temperature=0, speculative="lookup")  # or "draft:DIR"
+
+Speculative decoding (runtime/speculative.py) keeps greedy output token for token; with sampling it is skipped
+(with a warning).
 
 The backend follows the folder: `--target ort` exports run on ONNX Runtime (OrtDecoder); `--target tensorrt`
 exports run the engines `gemma3-build` wrote into MODEL_DIR/engines (runtime/tensorrt/). Both offer the same
@@ -15,6 +19,7 @@ decoder interface (new_cache, step, prefill, chunks), which is all that generati
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +42,7 @@ from gemma3.runtime.manifest import (
 )
 from gemma3.runtime.ort_decoder import DEFAULT_CHUNK, OrtDecoder
 from gemma3.runtime.sampling import SamplingParams, make_rng
+from gemma3.runtime.speculative import Drafter, DraftModel, LookupDrafter, Speculative, speculative_generate
 from gemma3.runtime.tensorrt.engines import import_backend, read_engines
 from gemma3.runtime.tokenizer import Tokenizer, TokenizerError
 from gemma3.runtime.vision import ImagePrompt, Images, OrtVision, encode_images
@@ -49,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 512
 Prompt = str | Sequence[Message]
 ImagesArg = Images | ImagePrompt | None  # one image, a list of them, or already encoded ones
+SpeculativeArg = str | Speculative | None  # "off", "lookup", "draft:DIR" or a Speculative
 
 
 class Vision(Protocol):
@@ -75,6 +82,9 @@ class Result:
             "peak_rss_mb": round(s.peak_rss_mb, 1), "kv_cache_bytes": s.kv_cache_bytes,
             **({"images": s.images, "crops": s.crops, "vision_seconds": [round(t, 3) for t in s.vision_seconds]}
                if s.images else {}),
+            **({"speculative": s.speculative, "decode_steps": s.decode_steps, "drafted_tokens": s.drafted_tokens,
+                "accepted_tokens": s.accepted_tokens, "acceptance_rate": round(s.acceptance_rate, 4),
+                "tokens_per_step": round(s.tokens_per_step, 3)} if s.speculative else {}),
         }
 
 
@@ -126,6 +136,36 @@ class Model:
         except ValueError as e:  # a manifest's own defaults: name the file, like every other manifest problem
             raise ManifestError(f"{manifest.root / MANIFEST_FILE}: 'generation_defaults': {e}") from None
         self._vision: Vision | None = None
+        self._drafts: dict[str, DraftModel] = {}  # draft models by folder, loaded on first use
+        self._noise_noted = False  # the int8-activation caveat of speculative decoding is logged once
+
+    def drafter(self, speculative: SpeculativeArg,
+                draft_tokens: int | None = None) -> tuple[Speculative, Drafter] | None:
+        """The speculative setting (see `Speculative.parse`) and its drafter; None for "off". Refused in one
+        line where it cannot run: an export without logits_count, a tensorrt folder, an incompatible draft."""
+        spec = Speculative.parse(speculative, draft_tokens)
+        if spec is None:
+            return None
+        if self.manifest.target != "ort":
+            raise ValueError("speculative decoding runs on ONNX Runtime exports (--target ort) only")
+        if not getattr(self.decoder, "multi_logits", False):
+            raise ManifestError(f"{self.manifest.decoder.file.name} returns one position's logits per step: "
+                                "speculative decoding needs logits_count (re-export the model)")
+        if not self._noise_noted:
+            self._noise_noted = True
+            if int8_activations(self.manifest):
+                log.warning("this export computes with int8 activations (accuracy_level 4): a multi-token verify "
+                            "step's logits differ from single-token steps' by rounding noise, so at a near-tie "
+                            "speculative greedy output can differ from plain greedy output")
+        if spec.method == "lookup":
+            image = self.manifest.model.image_token_id
+            return spec, LookupDrafter(exclude=() if image is None else (image,))
+        assert spec.draft_dir is not None
+        key = os.path.realpath(spec.draft_dir)
+        if key not in self._drafts:
+            self._drafts[key] = DraftModel.open(spec.draft_dir, self.manifest.model.vocab_size, self.tokenizer,
+                                                self.decoder.threads)
+        return spec, self._drafts[key]
 
     @property
     def sees_images(self) -> bool:
@@ -187,38 +227,56 @@ class Model:
 
     def _run(self, cache: KVCache, ids: list[int], params: SamplingParams, max_new_tokens: int,
              history: Sequence[int] = (), on_done: Callable[[Result], None] | None = None,
-             rng: np.random.Generator | None = None, images: ImagePrompt | None = None) -> Stream:
+             rng: np.random.Generator | None = None, images: ImagePrompt | None = None,
+             speculative: SpeculativeArg = None, draft_tokens: int | None = None) -> Stream:
         check_prompt(cache, len(ids))  # before anything runs, so errors surface at the call
+        drafting = self.drafter(speculative, draft_tokens)  # and so are bad speculative settings
         stats = GenerationStats()
         if images is not None:
             stats.images, stats.crops, stats.vision_seconds = len(images.crops), images.crops, images.vision_seconds
-        pieces = generate(self.decoder, cache, ids, params, max_new_tokens, stream=self.tokenizer.stream(),
-                          history=history, rng=rng, stats=stats,
-                          image_features=None if images is None else images.features)
+        features = None if images is None else images.features
+        if drafting is not None and images is not None and drafting[0].method == "draft":
+            log.warning("a draft model cannot see the prompt's images: generating without speculative decoding")
+            drafting = None
+        if drafting is None:
+            pieces = generate(self.decoder, cache, ids, params, max_new_tokens, stream=self.tokenizer.stream(),
+                              history=history, rng=rng, stats=stats, image_features=features)
+        else:
+            spec, drafter = drafting
+            pieces = speculative_generate(self.decoder, cache, ids, params, max_new_tokens, drafter,
+                                          spec.draft_tokens, stream=self.tokenizer.stream(), history=history,
+                                          rng=rng, stats=stats, image_features=features)
         return Stream(pieces, stats, on_done)
 
     def stream(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
                max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: ImagesArg = (),
-               pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Stream:
+               pan_and_scan: bool = False, max_crops: int = 4, speculative: SpeculativeArg = None,
+               draft_tokens: int | None = None, **sampling: Any) -> Stream:
         """Generate lazily: iterate the returned `Stream` for text pieces, then read its `result`.
         `images`: a path or PIL image, or a list of them, placed at the prompt's `<start_of_image>` markers (or in
-        front)."""
+        front). `speculative`: "lookup" or "draft:DIR" (greedy only; `draft_tokens` per verify step)."""
         params = self.sampling(**sampling)
         encoded = self._encoded(images, pan_and_scan, max_crops)
         if isinstance(prompt, str) and not prompt.strip() and encoded is None:
             raise ValueError("the prompt is empty: give some text (or an image) to respond to")
         ids = self.prompt_ids(prompt, system, raw, encoded)
-        return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens, images=encoded)
+        return self._run(self.decoder.new_cache(len(ids) + 1), ids, params, max_new_tokens, images=encoded,
+                         speculative=speculative, draft_tokens=draft_tokens)
 
     def generate(self, prompt: Prompt, *, system: str | None = None, raw: bool = False,
                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, images: ImagesArg = (),
-                 pan_and_scan: bool = False, max_crops: int = 4, **sampling: Any) -> Result:
+                 pan_and_scan: bool = False, max_crops: int = 4, speculative: SpeculativeArg = None,
+                 draft_tokens: int | None = None, **sampling: Any) -> Result:
         return self.stream(prompt, system=system, raw=raw, max_new_tokens=max_new_tokens, images=images,
-                           pan_and_scan=pan_and_scan, max_crops=max_crops, **sampling).consume()
+                           pan_and_scan=pan_and_scan, max_crops=max_crops, speculative=speculative,
+                           draft_tokens=draft_tokens, **sampling).consume()
 
     def chat(self, system: str | None = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-             **sampling: Any) -> ChatSession:
-        return ChatSession(self, system, self.sampling(**sampling), max_new_tokens)
+             speculative: SpeculativeArg = None, draft_tokens: int | None = None, **sampling: Any) -> ChatSession:
+        session = ChatSession(self, system, self.sampling(**sampling), max_new_tokens)
+        self.drafter(speculative, draft_tokens)  # refuse a bad setting now, not at the first message
+        session.speculative, session.draft_tokens = speculative, draft_tokens
+        return session
 
 
 class ChatSession:
@@ -226,6 +284,8 @@ class ChatSession:
 
     def __init__(self, model: Model, system: str | None, params: SamplingParams, max_new_tokens: int) -> None:
         self.model, self.system, self.params, self.max_new_tokens = model, system, params, max_new_tokens
+        self.speculative: SpeculativeArg = None  # every reply's speculative setting (Model.chat sets it)
+        self.draft_tokens: int | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -265,7 +325,7 @@ class ChatSession:
         if encoded is not None:
             tok.check_used()
         stream = self.model._run(cache, feed, params, limit, history=self.tokens[:fed], on_done=self._finish, rng=rng,
-                                 images=encoded)
+                                 images=encoded, speculative=self.speculative, draft_tokens=self.draft_tokens)
         self.cache, self._last = cache, stream
         self.tokens += new
         self.messages.append({"role": "user", "content": text})
@@ -303,6 +363,15 @@ def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: i
 
     trt_decoder = TensorRTDecoder(manifest, engines, chunk_size=chunk_size)
     return Model(manifest, tokenizer, trt_decoder, vision=trt_decoder.vision)
+
+
+def int8_activations(manifest: Manifest) -> bool:
+    """Whether the export's quantized matmuls round their activations to int8 (MatMulNBits accuracy_level 4)."""
+    try:
+        quantization = json.loads((manifest.root / MANIFEST_FILE).read_text()).get("quantization") or {}
+    except (OSError, ValueError):
+        return False
+    return isinstance(quantization, dict) and quantization.get("accuracy_level") == 4
 
 
 def load_tokenizer(manifest: Manifest) -> Tokenizer:

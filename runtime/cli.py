@@ -5,6 +5,7 @@
     gemma3-run --model out/gemma-3-270m-it --chat --system "Answer briefly."
     gemma3-run --model out/gemma-3-4b-it --image cat.jpg -p "What is in this image?"
     gemma3-run --model out/gemma-3-4b-it --image a.png --image b.png -p "Is <start_of_image> like <start_of_image>?"
+    gemma3-run --model out/gemma-3-1b-it --temperature 0 --speculative draft:out/gemma-3-270m-it -p "..."
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from gemma3.runtime.api import DEFAULT_MAX_NEW_TOKENS, ChatSession, Model, Resul
 from gemma3.runtime.kv_cache import ContextLengthError
 from gemma3.runtime.manifest import ManifestError
 from gemma3.runtime.sampling import SamplingParams
+from gemma3.runtime.speculative import DEFAULT_DRAFT_TOKENS, MAX_DRAFT_TOKENS, Speculative
 
 log = logging.getLogger("gemma3.runtime.cli")
 PROG = "gemma3-run"
@@ -69,6 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--min-p", type=float, metavar="P", help="drop tokens below P x the top probability; 0 = off")
     s.add_argument("--repetition-penalty", type=float, metavar="R", help="> 1 discourages tokens already in context")
     s.add_argument("--seed", type=int, metavar="S", help="random seed, for reproducible sampling")
+    d = p.add_argument_group("speculative decoding (greedy: same tokens as without it, fewer decoder steps)")
+    d.add_argument("--speculative", default="off", metavar="{off,lookup,draft:DIR}",
+                   help="draft tokens and verify them in one step: 'lookup' copies what followed the context's last "
+                   "words earlier in the context (quoting, summarising, editing), 'draft:DIR' asks a smaller export "
+                   "with the same tokenizer (the 270M for 1b..27b). Greedy only (--temperature 0): with sampling it "
+                   "is skipped with a warning")
+    d.add_argument("--draft-tokens", type=int, metavar="K",
+                   help=f"tokens drafted per verify step, 1..{MAX_DRAFT_TOKENS} (default: {DEFAULT_DRAFT_TOKENS})")
     p.add_argument("--threads", type=int, metavar="N", help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per reply (text, token_ids, token counts, speeds, memory)")
@@ -93,6 +103,9 @@ def _emit(stream: Stream, out: TextIO, as_json: bool) -> Result:
         s.prompt_tokens, s.prefill_tokens_per_s, s.generated_tokens, s.decode_tokens_per_s, s.finish_reason,
         s.kv_cache_bytes / 2**20, s.peak_rss_mb,
     )
+    if s.speculative:
+        log.info("speculative (%s): %d of %d drafted tokens accepted (%.0f%%), %.2f tokens per decoder step",
+                 s.speculative, s.accepted_tokens, s.drafted_tokens, 100 * s.acceptance_rate, s.tokens_per_step)
     return result
 
 
@@ -154,6 +167,7 @@ def _read_prompt(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace) -> int:
     sampling = sampling_overrides({k: getattr(args, k) for k in vars(args)})
     SamplingParams().updated(sampling)  # nan, inf, out-of-range or negative values: one line before the slow load
+    speculative = {"speculative": Speculative.parse(args.speculative, args.draft_tokens)}  # likewise
     prompt = None if args.chat else _read_prompt(args)  # also before the load: no model just to say "no prompt"
     model: Model = load(args.model, threads=args.threads)
     if (args.image or args.pan_and_scan) and not model.sees_images:
@@ -161,12 +175,12 @@ def _run(args: argparse.Namespace) -> int:
                          "(images need a 4b, 12b or 27b export)")
     image_options = {"pan_and_scan": args.pan_and_scan, "max_crops": args.max_crops}
     if args.chat:
-        session = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **sampling)
+        session = model.chat(system=args.system, max_new_tokens=args.max_new_tokens, **speculative, **sampling)
         _chat_loop(session, args.prompt, sys.stdin, sys.stdout, args.json, args.image, **image_options)
         return 0
     assert prompt is not None
     stream = model.stream(prompt, system=args.system, raw=args.raw, max_new_tokens=args.max_new_tokens,
-                          images=args.image, **image_options, **sampling)
+                          images=args.image, **image_options, **speculative, **sampling)
     _emit(stream, sys.stdout, args.json)
     return 0
 
@@ -187,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--threads must be >= 1")
     if args.max_crops < 1:
         parser.error("--max-crops must be >= 1")
+    if args.draft_tokens is not None and args.speculative == "off":
+        parser.error("--draft-tokens needs --speculative lookup or draft:DIR")
     try:
         return _run(args)
     except BrokenPipeError:  # e.g. piped into `head`: stop quietly

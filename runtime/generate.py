@@ -56,13 +56,26 @@ class GenerationStats:
     generated_tokens: int = 0  # tokens yielded (the stop token is not counted)
     prefill_seconds: float = 0.0  # prefill + sampling the first token
     decode_seconds: float = 0.0  # decode steps + sampling their tokens
-    decode_steps: int = 0  # single-token steps run
+    decode_steps: int = 0  # decoder steps after the prefill (single tokens; speculative: verify steps)
+    decode_tokens: int = 0  # tokens those steps decided that generation used (plain: one per step)
     kv_cache_bytes: int = 0  # cache memory allocated at the end
     peak_rss_mb: float = 0.0  # the process's peak resident memory so far
     finish_reason: str | None = None  # "stop", "length", "context" or "cancelled" (consumer stopped early)
     images: int = 0  # images in the prompt
     crops: list[int] = field(default_factory=list)  # Pan & Scan crops per image
     vision_seconds: list[float] = field(default_factory=list)  # vision graph time per image (crops included)
+    speculative: str | None = None  # "lookup" or "draft" when speculative decoding ran
+    drafted_tokens: int = 0  # draft tokens verified
+    accepted_tokens: int = 0  # of those, the ones greedy decoding agreed with
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens each decode step settled, on average (1 for plain decoding)."""
+        return self.decode_tokens / self.decode_steps if self.decode_steps else 0.0
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -70,12 +83,14 @@ class GenerationStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds > 0 else 0.0
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else 0.0
 
     def as_dict(self) -> dict[str, float | int | str | None]:
         d = asdict(self)
         d["prefill_tokens_per_s"] = self.prefill_tokens_per_s
         d["decode_tokens_per_s"] = self.decode_tokens_per_s
+        d["acceptance_rate"] = self.acceptance_rate
+        d["tokens_per_step"] = self.tokens_per_step
         return d
 
 
@@ -184,6 +199,7 @@ def generate(
             start = time.perf_counter()  # the consumer's time between tokens is not ours
             logits = decode_step(decoder, cache, token)
             stats.decode_steps += 1
+            stats.decode_tokens += 1
     except GeneratorExit:
         reason = "cancelled"
         raise

@@ -2,7 +2,13 @@
 
 Every cache tensor is [1, kv_heads, C, head_dim] (BNSH, GroupQueryAttention's layout).
 - Local layers: C is the manifest's fixed capacity (>= the window). The op keeps the most recent positions in
-  rows [0, L) and compacts internally; the runtime never reads or moves their contents.
+  rows [0, L) and compacts internally; the runtime never reads or moves their contents. L depends on the
+  position alone (`local_rows`, measured on ONNX Runtime 1.32 and checked by tests/test_speculative.py):
+  a step that would pass C keeps the last L(new) - S rows at the top, and rows >= L are never read.
+- Rollback (speculative decoding): lowering `length` to y is exact for global layers (rows >= y are rewritten
+  before any step reads them) and for a local layer as long as no compaction happened between y and the
+  current length (same first position in row 0): then rows [0, L(y)) already hold what a cache fed only up to
+  y holds. `rewindable` says how long a step may be for every later rollback into it to stay exact.
 - Global layers: row j holds position j, so C must be >= past_len + S for a step of S tokens. They start small
   and grow by doubling (capped at max_context); growing copies rows [0, past_len) once into the new buffer.
 
@@ -68,6 +74,20 @@ def round_capacity(rows: int, max_context: int) -> int:
     return min(max_context, -(-max(rows, 1) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
 
 
+def local_rows(past: int, window: int, capacity: int) -> int:
+    """Rows [0, L) a GroupQueryAttention sliding-window cache holds after `past` positions: all of them up to
+    the capacity, then the op compacts to keep the last window - 1 before appending, so L cycles through
+    [window, capacity] with period capacity - window + 1."""
+    if past <= capacity:
+        return past
+    return window + (past - capacity - 1) % (capacity - window + 1)
+
+
+def local_first(past: int, window: int, capacity: int) -> int:
+    """The position held in row 0 after `past` positions (it moves only when the op compacts)."""
+    return past - local_rows(past, window, capacity)
+
+
 _SERIALS = itertools.count()
 
 
@@ -90,6 +110,8 @@ class KVCache:
         self._dtype = np.dtype(spec.cache_dtype)
         global_capacity = round_capacity(initial_capacity, max_context)
         self.layers: list[_LayerCache] = []
+        self.rings = sorted({(layer.window, layer.capacity) for layer in spec.layers
+                             if layer.kind != GLOBAL and layer.capacity is not None})  # (W, C) of local layers
         for layer in spec.layers:
             capacity = global_capacity if layer.kind == GLOBAL else layer.capacity
             names = (layer.past_key, layer.past_value, layer.present_key, layer.present_value)
@@ -139,6 +161,26 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         """Record that a step wrote `new_tokens` positions."""
         self.length += new_tokens
+
+    def rewindable(self, length: int, limit: int) -> int:
+        """The longest step (<= limit) from `length` after which the cache can roll back exactly to any length
+        from length + 1 on: every local ring must not compact after its first token (see the module doc)."""
+        steps = limit
+        for window, capacity in self.rings:
+            first = local_first(length + 1, window, capacity)
+            while steps > 1 and local_first(length + steps, window, capacity) != first:
+                steps -= 1
+        return steps
+
+    def rollback(self, length: int) -> None:
+        """Forget the positions from `length` on (rejected speculative tokens), exactly (see the module doc)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot roll back a cache of {self.length} positions to {length}")
+        for window, capacity in self.rings:
+            if local_first(length, window, capacity) != local_first(self.length, window, capacity):
+                raise ValueError(f"a window-{window} ring compacted between positions {length} and {self.length}: "
+                                 "rolling back there is not exact")
+        self.length = length
 
     def bindings(self) -> Iterator[tuple[str, str, ort.OrtValue]]:
         """(input name, output name, OrtValue) for every cache tensor: the same value on both sides."""

@@ -87,6 +87,9 @@ class DecoderSpec:
     layers: tuple[LayerCache, ...]
     image_features: str | None = None  # float32 [rows, hidden]: the image graph's soft-token rows
     past_len_dtype: str = "int64"  # ort: an int64 scalar; tensorrt: int32 [batch]
+    # ort "last" graphs: int64 scalar n, logits [1, n, vocab] of the last n positions (speculative verification);
+    # None in exports older than it (they return one position only)
+    logits_count: str | None = None
     workspace: WorkspaceSpec | None = None  # tensorrt only
 
 
@@ -204,6 +207,7 @@ def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: i
         layers=tuple(_layer(r, layer, f"{path}.layers[{i}]", tensorrt, max_context)
                      for i, layer in enumerate(layers)),
         image_features=r.get(d, "image_features", path, str, optional=True),
+        logits_count=r.get(d, "logits_count", path, str, optional=True) if logits == "last" else None,
         **extra,
     )
 

@@ -102,6 +102,7 @@ class OrtDecoder:
         inputs = {i.name for i in session.get_inputs()}
         outputs = {o.name for o in session.get_outputs()}
         want_in = {spec.input_ids, spec.past_len} | ({spec.image_features} if spec.image_features else set())
+        want_in |= {spec.logits_count} if spec.logits_count else set()
         want_out = {spec.logits_output}
         for layer in spec.layers:
             want_in |= {layer.past_key, layer.past_value}
@@ -120,6 +121,8 @@ class OrtDecoder:
             rows = layer.capacity if layer.kind == "local" else None
             for name in (layer.past_key, layer.past_value, layer.present_key, layer.present_value):
                 wanted[name] = ([1, m.num_kv_heads, rows, m.head_dim], cache_type)
+        if spec.logits_count is not None:
+            wanted[spec.logits_count] = ([], "int64")
         for name, (shape, kind) in wanted.items():
             check_arg(spec.file.name, args[name], shape, kind)
 
@@ -153,13 +156,19 @@ class OrtDecoder:
             self._image_graph = OrtDecoder(self.manifest, self.manifest.image_decoder, self.threads, self.chunk_size)
         return self._image_graph
 
+    @property
+    def multi_logits(self) -> bool:
+        """Whether one step can return the logits of its last n positions (exports with `logits_count`)."""
+        return self.spec.logits_count is not None
+
     def step(self, cache: KVCache, ids: np.ndarray | list[int], image_features: np.ndarray | None = None,
-             borrow: bool = False) -> np.ndarray:
+             borrow: bool = False, logits: int = 1) -> np.ndarray:
         """Run the graph over `ids` at past_len = cache.length, advance the cache, return the logits.
 
         The logits are [vocab] for the last position ("last" graphs) or [S, vocab] ("all" graphs), float32,
         owned by the caller; with `borrow` a "last" graph's row is the decoder's own buffer instead, valid until
         the next step (the generation loop samples it at once: no 1 MiB copy per token).
+        `logits` n > 1 (graphs with `logits_count`): the last n positions' logits [n, vocab], owned by the caller.
         `image_features` [rows, hidden]: one row per image soft token in `ids`, in order; such a step runs the
         image graph (bidirectional image groups) on the same cache, and must hold whole images only.
         """
@@ -167,6 +176,9 @@ class OrtDecoder:
         n = ids.shape[1]
         if n == 0:
             raise ValueError("a decoder step needs at least one token")
+        if logits != 1 and not (self.multi_logits and 1 <= logits <= n):
+            raise ValueError(f"{self.spec.file.name} cannot return {logits} positions' logits of a {n}-token step"
+                             + ("" if self.multi_logits else " (an export without logits_count: re-export it)"))
         image_rows = int((ids == self.manifest.model.image_token_id).sum()) if self.sees_images else 0
         if image_rows and self.spec.image_features is None:
             if image_features is None or len(image_features) != image_rows:
@@ -180,20 +192,23 @@ class OrtDecoder:
         b.bind_cpu_input(self.spec.past_len, np.array(cache.length, dtype=np.int64))
         if self.spec.image_features is not None:
             b.bind_cpu_input(self.spec.image_features, np.ascontiguousarray(image_features, dtype=np.float32))
-        if self._logits_value is not None:
-            logits, value = self._logits, self._logits_value
-        else:  # "all": a fresh [1, S, vocab] buffer the caller keeps
-            logits = np.empty((1, n, self.manifest.model.vocab_size), np.float32)
-            value = ort.OrtValue.ortvalue_from_numpy(logits)
+        if self.spec.logits_count is not None:
+            b.bind_cpu_input(self.spec.logits_count, np.array(logits, dtype=np.int64))
+        rows = logits if self._logits is not None else n
+        if self._logits_value is not None and rows == 1:
+            out, value = self._logits, self._logits_value
+        else:  # "all" graphs, or several positions: a fresh [1, rows, vocab] buffer the caller keeps
+            out = np.empty((1, rows, self.manifest.model.vocab_size), np.float32)
+            value = ort.OrtValue.ortvalue_from_numpy(out)
         b.bind_ortvalue_output(self.spec.logits_output, value)
         try:
             self.session.run_with_iobinding(b)
         except Exception as e:  # ORT's own exception types: one line of ours, naming the graph
             raise run_error(f"{self.spec.file} at position {cache.length}", e) from None
         cache.advance(n)
-        if logits is not self._logits:
-            return logits[0]
-        return logits[0, -1] if borrow else logits[0, -1].copy()
+        if out is not self._logits:
+            return out[0]
+        return out[0, -1] if borrow else out[0, -1].copy()
 
     def chunks(self, ids: np.ndarray) -> list[tuple[int, int]]:
         """[start, end) steps of at most `chunk_size` tokens, stretched so that no image is split."""

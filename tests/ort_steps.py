@@ -37,6 +37,8 @@ class Steps:
                 file = self.folder / self.manifest["image_decoder"]["file"]
                 self.image_session = ort.InferenceSession(str(file), self.options, providers=["CPUExecutionProvider"])
             session, feeds["image_features"] = self.image_session, image_features.astype(np.float32)
+        if session is self.session and self.io.get("logits_count"):  # the generation graph: last position only
+            feeds[self.io["logits_count"]] = np.array(1, np.int64)
         result = dict(zip(self.outputs, session.run(self.outputs, feeds)))
         for layer in self.io["layers"]:
             for kind in ("key", "value"):

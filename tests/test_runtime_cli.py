@@ -117,7 +117,8 @@ def test_help_lists_every_option(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     for flag in ("--model", "--prompt", "--system", "--chat", "--raw", "--max-new-tokens", "--temperature", "--top-k",
-                 "--top-p", "--min-p", "--repetition-penalty", "--seed", "--threads", "--json"):
+                 "--top-p", "--min-p", "--repetition-penalty", "--seed", "--threads", "--json", "--speculative",
+                 "--draft-tokens"):
         assert flag in out
 
 

@@ -39,6 +39,17 @@ def test_greedy_chat_matches_transformers(model, hf_270m_model, prompt):
     print(f"270m chat: {result.text!r} ({result.stats.decode_tokens_per_s:.1f} tok/s decode)")
 
 
+def test_speculative_lookup_keeps_greedy_output(model):
+    """Prompt lookup on a quoting prompt: same tokens as plain greedy, in fewer decoder steps."""
+    passage = ("The mitochondrion is the powerhouse of the cell. It produces energy in the form of ATP through "
+               "cellular respiration, using oxygen and nutrients.")
+    prompt = f"Repeat this passage word for word: {passage}"
+    plain = model.generate(prompt, temperature=0, max_new_tokens=40)
+    fast = model.generate(prompt, temperature=0, max_new_tokens=40, speculative="lookup")
+    assert fast.token_ids == plain.token_ids and fast.finish_reason == plain.finish_reason
+    assert fast.stats.accepted_tokens > 0 and fast.stats.decode_steps < plain.stats.decode_steps
+
+
 @torch.no_grad()
 def test_chat_session_reuses_the_cache_faithfully(model, hf_270m_model):
     chat = model.chat(temperature=0, max_new_tokens=16)

@@ -35,8 +35,9 @@ def make_weights(vocab: int, max_pos: int, seed: int = 0, layers: tuple[str, ...
 
 
 def build_graph(
-    w: dict[str, np.ndarray], layers: tuple[str, ...] = LAYERS, all_logits: bool = False
+    w: dict[str, np.ndarray], layers: tuple[str, ...] = LAYERS, all_logits: bool = False, logits_count: bool = False
 ) -> onnx.ModelProto:
+    """`logits_count`: the exporter's int64 scalar input n (logits of the last n positions) instead of the last."""
     init = [numpy_helper.from_array(v, name=k) for k, v in w.items()]
     init += [numpy_helper.from_array(np.array(v, np.int64), name=n) for n, v in
              (("one", 1), ("one1", [1]), ("minus1", [-1]), ("big1", [2**62]), ("shape1", [1]))]
@@ -72,7 +73,13 @@ def build_graph(
             cache_in.append(helper.make_tensor_value_info(f"past_{p}.{i}", TensorProto.FLOAT, shape))
             cache_out.append(helper.make_tensor_value_info(f"present_{p}.{i}", TensorProto.FLOAT, shape))
     last = f"x{len(layers)}"
-    if not all_logits:
+    extra_inputs = []
+    if logits_count:
+        nodes += [n("Neg", ["logits_count"], ["minus_n"]), n("Reshape", ["minus_n", "shape1"], ["minus_n1"]),
+                  n("Slice", [last, "minus_n1", "big1", "one1"], ["x_last"])]
+        extra_inputs.append(helper.make_tensor_value_info("logits_count", TensorProto.INT64, []))
+        last = "x_last"
+    elif not all_logits:
         nodes.append(n("Slice", [last, "minus1", "big1", "one1"], ["x_last"]))
         last = "x_last"
     nodes.append(n("MatMul", [last, "embed_t"], ["logits"]))
@@ -80,8 +87,9 @@ def build_graph(
     graph = helper.make_graph(
         nodes, "tiny_decoder",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
-         helper.make_tensor_value_info("past_len", TensorProto.INT64, []), *cache_in],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S" if all_logits else 1, vocab]),
+         helper.make_tensor_value_info("past_len", TensorProto.INT64, []), *cache_in, *extra_inputs],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                       [1, "S" if all_logits else "n" if logits_count else 1, vocab]),
          *cache_out],
         init,
     )
@@ -112,7 +120,8 @@ def reference_logits(w: dict[str, np.ndarray], ids: list[int], layers: tuple[str
     return x @ w["embed"].T * LOGIT_SCALE
 
 
-def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS, eval_decoder: bool = True) -> dict:
+def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS, eval_decoder: bool = True,
+                  logits_count: bool = False) -> dict:
     def layer(i: int, kind: str) -> dict:
         names = {f"{a}_{b}": f"{a}_{b}.{i}" for a in ("past", "present") for b in ("key", "value")}
         local = kind == "local"
@@ -128,7 +137,8 @@ def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS
              "max_position_embeddings": max_context, "layer_types": list(layers), "bos_token_id": 2,
              "eos_token_id": 1, "pad_token_id": 0, "image_token_id": None, "vision": None}
     m = {"format_version": 1, "model": model, "precision": "fp32", "target": "ort", "max_context": max_context,
-         "decoder": decoder("decoder.onnx", "last"), "tokenizer": "tokenizer.model",
+         "decoder": decoder("decoder.onnx", "last") | ({"logits_count": "logits_count"} if logits_count else {}),
+         "tokenizer": "tokenizer.model",
          "generation_defaults": {"top_k": 64, "top_p": 0.95, "temperature": 1.0},
          "source": {"kind": "tiny-test"}, "versions": {}}
     if eval_decoder:
@@ -147,14 +157,16 @@ def tokenizer_bytes() -> bytes:
 
 def write_tiny_model(
     folder: Path, vocab: int = 64, max_context: int = 64, seed: int = 0, with_tokenizer: bool = False,
-    layers: tuple[str, ...] = LAYERS,
+    layers: tuple[str, ...] = LAYERS, logits_count: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Write decoder.onnx, decoder_all_logits.onnx, manifest.json (and tokenizer.model); return the weights."""
+    """Write decoder.onnx, decoder_all_logits.onnx, manifest.json (and tokenizer.model); return the weights.
+    `logits_count`: decoder.onnx takes it, as current exports' do (older ones return the last position only)."""
     folder.mkdir(parents=True, exist_ok=True)
     w = make_weights(vocab, max_context, seed, layers)
-    onnx.save(build_graph(w, layers), folder / "decoder.onnx")
+    onnx.save(build_graph(w, layers, logits_count=logits_count), folder / "decoder.onnx")
     onnx.save(build_graph(w, layers, all_logits=True), folder / "decoder_all_logits.onnx")
-    (folder / "manifest.json").write_text(json.dumps(manifest_dict(vocab, max_context, layers), indent=1))
+    manifest = manifest_dict(vocab, max_context, layers, logits_count=logits_count)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if with_tokenizer:
         (folder / "tokenizer.model").write_bytes(tokenizer_bytes())
     return w
