@@ -26,6 +26,7 @@ from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.graphs.loaders.random_weights import RandomCheckpoint
 
 from .calibrate import CALIBRATION_TOKENS, calibration_ids, input_statistics
+from .combine_images import MULTIMODAL_FILE, write_combined
 from .export_tensorrt import (
     engine_section,
     io_tensorrt,
@@ -274,6 +275,10 @@ def export(
                     set_kv_scales(variant, kv_scales)
                 _save_graph(variant, work / file, target, workspace)
             manifest[key] = io(file, logits, images)
+        if "image_decoder" in manifest:  # both steps in one graph: one session prepacks the weights once
+            with stage(f"saving {MULTIMODAL_FILE}"):
+                write_combined(work, "decoder.onnx", "decoder_images.onnx", MULTIMODAL_FILE, "image_features")
+            manifest["multimodal_decoder"] = io(MULTIMODAL_FILE, "last", True)
         if config.vision is not None:
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",
                                   "image_features": "image_features", "image_size": config.vision.image_size,

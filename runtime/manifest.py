@@ -123,6 +123,9 @@ class Manifest:
     versions: dict[str, Any] = field(default_factory=dict)
     compute_dtype: str = "float32"  # activations of the graphs (tensorrt: bfloat16 by default)
     max_batch: int = 1  # tensorrt: the most sequences one step serves (what the workspace is sized for)
+    # ort multimodal: text and image steps in one graph (0 image rows on text steps), so one session holds the
+    # weights; exports without it run decoder + image_decoder as two sessions (two prepacked copies)
+    multimodal_decoder: DecoderSpec | None = None
 
 
 class _Reader:
@@ -307,6 +310,10 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         raise r.fail("'image_decoder' and 'vision' come together (a multimodal export has both)")
     if image_dict is not None and not image_dict.get("image_features"):
         raise r.fail("'image_decoder.image_features' is missing")
+    multimodal_dict = r.get(data, "multimodal_decoder", "", dict, optional=True)
+    if multimodal_dict is not None and (image_dict is None or not multimodal_dict.get("image_features")
+                                        or model.hidden_size is None):
+        raise r.fail("'multimodal_decoder' needs 'image_decoder', its own 'image_features' and 'model.hidden_size'")
     max_batch = 1
     if target == "tensorrt":
         max_batch = r.get(data, "max_batch", "", int)
@@ -337,6 +344,7 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         versions=r.get(data, "versions", "", dict, optional=True) or {},
         compute_dtype=r.get(data, "compute_dtype", "", str, optional=True) or "float32",
         max_batch=max_batch,
+        multimodal_decoder=None if multimodal_dict is None else decoder(multimodal_dict, "multimodal_decoder"),
     )
 
 
@@ -371,6 +379,8 @@ def check_files(manifest: Manifest, eval_decoder: bool = False, generation: bool
     graphs: list[tuple[DecoderSpec | VisionSpec, str]] = []
     if generation:
         graphs.append((manifest.decoder, "decoder graph"))
+        if manifest.multimodal_decoder is not None:
+            graphs.append((manifest.multimodal_decoder, "multimodal decoder graph"))
         if manifest.image_decoder is not None:
             graphs.append((manifest.image_decoder, "image decoder graph"))
     if eval_decoder:

@@ -16,6 +16,7 @@ import onnxruntime as ort
 
 from gemma3.runtime.kv_cache import KVCache, round_capacity
 from gemma3.runtime.manifest import MANIFEST_FILE, DecoderSpec, Manifest, ManifestError, require_file
+from gemma3.runtime.memory import PagesReleased
 from gemma3.runtime.prefill import prefill_in_steps
 
 log = logging.getLogger(__name__)
@@ -76,14 +77,17 @@ class OrtDecoder:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.manifest = manifest
-        self.spec = spec or manifest.decoder
+        # a multimodal export's one graph for text and image steps: one session, one prepacked copy of the weights
+        self.spec = spec or manifest.multimodal_decoder or manifest.decoder
         self.chunk_size = chunk_size
         self.threads = threads or available_cores()
         path = require_file(self.spec.file, "decoder graph")
+        weights = manifest.decoder.file.with_name(manifest.decoder.file.name + ".data")  # every decoder graph's
         try:
-            self.session = ort.InferenceSession(
-                str(path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
-            )
+            with PagesReleased([weights]):  # the file's pages once prepacked: not kept resident (runtime/memory.py)
+                self.session = ort.InferenceSession(
+                    str(path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
+                )
         except Exception as e:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
         self._check_io(self.session, self.spec, manifest)
@@ -91,6 +95,8 @@ class OrtDecoder:
         self._bound: tuple[int, int] | None = None  # (serial of the cache, its version) currently bound
         self._image_graph: OrtDecoder | None = None  # steps holding image soft tokens, loaded on first use
         vocab = manifest.model.vocab_size
+        # text steps of a graph that takes image rows feed none (its If takes the text branch)
+        self._no_rows = np.zeros((0, manifest.model.hidden_size or 0), np.float32) if self.spec.image_features else None
         # "last" graphs always return [1, 1, vocab]: one preallocated output, reused by every step.
         self._logits = np.zeros((1, 1, vocab), np.float32) if self.spec.logits == "last" else None
         self._logits_value = ort.OrtValue.ortvalue_from_numpy(self._logits) if self._logits is not None else None
@@ -191,7 +197,8 @@ class OrtDecoder:
         b.bind_cpu_input(self.spec.input_ids, ids)
         b.bind_cpu_input(self.spec.past_len, np.array(cache.length, dtype=np.int64))
         if self.spec.image_features is not None:
-            b.bind_cpu_input(self.spec.image_features, np.ascontiguousarray(image_features, dtype=np.float32))
+            features = self._no_rows if image_features is None else image_features
+            b.bind_cpu_input(self.spec.image_features, np.ascontiguousarray(features, dtype=np.float32))
         if self.spec.logits_count is not None:
             b.bind_cpu_input(self.spec.logits_count, np.array(logits, dtype=np.int64))
         rows = logits if self._logits is not None else n

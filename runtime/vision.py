@@ -29,6 +29,7 @@ from gemma3.runtime.images import (
     prepare_images,
 )
 from gemma3.runtime.manifest import MANIFEST_FILE, Manifest, ManifestError, require_file
+from gemma3.runtime.memory import PagesReleased
 from gemma3.runtime.ort_decoder import check_arg, run_error
 
 ImageInput = str | os.PathLike | ImageLike
@@ -45,7 +46,9 @@ class OrtVision:
         self.spec = manifest.vision
         path = require_file(self.spec.file, "vision graph")
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+            with PagesReleased([path.with_name(path.name + ".data")]):  # see runtime/memory.py
+                self.session = ort.InferenceSession(str(path), sess_options=options,
+                                                    providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
             raise ManifestError(f"ONNX Runtime cannot load {path}: {e}".splitlines()[0]) from None
         # The graph against the manifest's vision section, so a mismatch is one line now, not ORT's at a run.

@@ -1,16 +1,20 @@
 """Images end to end on a tiny multimodal export with Gemma's real vocabulary: files -> Pan & Scan -> vision.onnx
 -> image graph -> 16 greedy steps, each step's logits against transformers' Gemma3ForConditionalGeneration fed the
-pixel values of its own image processor (max abs difference <= ATOL). Also the CLI's image options and errors."""
+pixel values of its own image processor (max abs difference <= ATOL). Also the CLI's image options and errors,
+and the one decoder session of multimodal exports (`decoder_multimodal.onnx`: the weights held and prepacked once)
+against the two-session path (decoder.onnx + decoder_images.onnx), bit for bit."""
 
 from __future__ import annotations
 
 import json
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image
 
+from gemma3.exporter.combine_images import combine
 from gemma3.exporter.export import export
 from gemma3.exporter.recipes import recipe
 from gemma3.graphs import open_checkpoint
@@ -19,6 +23,8 @@ from gemma3.graphs.loaders.gguf_tokenizer import sentencepiece_model_from_gguf
 from gemma3.runtime import cli
 from gemma3.runtime.api import load
 from gemma3.runtime.chat import STOP_IDS
+from gemma3.runtime.manifest import ManifestError, load_manifest
+from gemma3.runtime.ort_decoder import OrtDecoder
 from tests.hf_reference import random_hf_model, save_hf, tiny_multimodal
 
 # Gemma's ids (graphs/config.py): the real tokenizer encodes the prompt, so the tiny model has the real vocabulary
@@ -109,3 +115,60 @@ def test_cli_image_json_and_errors(mm_model, tmp_path, capsys):
     code = cli.main(["--model", str(out), "--image", str(images / "square.png"), "-p", "<start_of_image> "
                      "<start_of_image>"])
     assert code == 2 and "images" in capsys.readouterr().err
+
+
+def _run(decoder: OrtDecoder, prompt: np.ndarray, features: np.ndarray, steps: int) -> tuple[list[int], np.ndarray]:
+    cache = decoder.new_cache(prompt.size + steps)
+    rows = [decoder.prefill(cache, prompt, features)]
+    tokens = [int(np.argmax(rows[-1]))]
+    for _ in range(steps):
+        rows.append(decoder.step(cache, [tokens[-1]]))
+        tokens.append(int(np.argmax(rows[-1])))
+    return tokens, np.stack(rows)
+
+
+def test_one_session_serves_text_and_image_steps_with_the_same_logits(mm_model):
+    manifest = load_manifest(mm_model[1])
+    m = manifest.model
+    rng = np.random.default_rng(0)
+    image = [m.boi_token_id, *[m.image_token_id] * 4, m.eoi_token_id]
+    # text chunks before, between and after two images (chunk_size 5: images stay whole), then decode steps
+    prompt = np.array([2, *rng.integers(10, 200, 7), *image, *rng.integers(10, 200, 3), *image, 42, 43])
+    features = rng.standard_normal((8, m.hidden_size)).astype(np.float32)
+    one = OrtDecoder(manifest, chunk_size=5)
+    two = OrtDecoder(manifest, manifest.decoder, chunk_size=5)  # the old path: decoder.onnx + decoder_images.onnx
+    assert one.spec.file.name == "decoder_multimodal.onnx"
+    ours, theirs = _run(one, prompt, features, 6), _run(two, prompt, features, 6)
+    assert ours[0] == theirs[0]
+    np.testing.assert_array_equal(ours[1], theirs[1])
+    assert one._image_graph is None and two._image_graph is not None  # no second session was opened
+
+
+def test_the_weights_are_outer_scope_initializers_stored_once(mm_model):
+    mm_folder = mm_model[1]
+    graph = onnx.load(mm_folder / "decoder_multimodal.onnx", load_external_data=False).graph
+    external = [t.name for t in graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    text = onnx.load(mm_folder / "decoder.onnx", load_external_data=False).graph
+    assert sorted(external) == sorted(t.name for t in text.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    (branching,) = [n for n in graph.node if n.op_type == "If"]
+    for attr in branching.attribute:  # each branch reads them from the outer scope: none is copied into it
+        assert not [t for t in attr.g.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def test_combine_refuses_graphs_over_other_weights(mm_model):
+    mm_folder = mm_model[1]
+    text = onnx.load(mm_folder / "decoder.onnx", load_external_data=False)
+    images = onnx.load(mm_folder / "decoder_images.onnx", load_external_data=False)
+    moved = next(t for t in images.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL)
+    next(e for e in moved.external_data if e.key == "offset").value = "12345"
+    with pytest.raises(ValueError, match="another place"):
+        combine(text, images, "image_features")
+
+
+def test_manifest_multimodal_decoder_needs_the_image_graph(mm_model, tmp_path):
+    mm_folder = mm_model[1]
+    data = json.loads((mm_folder / "manifest.json").read_text())
+    data["multimodal_decoder"].pop("image_features")
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="multimodal_decoder"):
+        load_manifest(tmp_path)
