@@ -26,11 +26,13 @@ from bench.common import peers_python
 LLAMA_CPP = "llama-cpp-python==0.3.36"
 # -march=native on a CPU with AMX (Sapphire Rapids and later, e.g. the Xeon this bench ran on on 2026-12-06)
 # defines __AMX_INT8__, so ggml builds its AMX backend and repacks the Q4_K / Q6_K / Q8_0 weights of the
-# 270M into an "AMX" buffer; the first llama_decode then dies in ggml_backend_amx_mul_mat (SIGILL on a
-# `tilezero` in an OpenMP worker under gdb; reported as a segfault before). The same build runs
-# with use_extra_bufts=False, and one compiled with these flags (-march=native otherwise unchanged: AVX-512,
-# VNNI, BF16 stay; gcc drops an ISA given as -mno-* whatever the order) passes. Changing these flags
-# rebuilds the venv (see _STAMP).
+# 270M into an "AMX" buffer. gcc 12 -O3 drops the stores that fill ggml_tile_config_init's stack tile config
+# (libggml-cpu.so: `vmovdqa64 zmm0(=0) -> cfg; movb $1 -> cfg; ldtilecfg cfg`, rows and colsb all 0), so the
+# first AMX kernel's `tilezero %tmm4` raises #UD: SIGILL in ggml_backend_amx_mul_mat on the first llama_decode
+# of any prompt (reported as a segfault before). Upstream: ggml-org/llama.cpp PR #26954 (open), which moves
+# the config to .rodata. The same build runs with use_extra_bufts=False; one compiled with these flags
+# (-march=native otherwise unchanged: AVX-512, VNNI, BF16 stay; gcc drops an ISA given as -mno-* whatever
+# the order) passes. Changing these flags rebuilds the venv (see _stamp).
 LLAMA_CPP_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 GENAI = "onnxruntime-genai==0.18.0"
 
