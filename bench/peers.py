@@ -108,7 +108,7 @@ def llama_cpp(inputs: BenchInputs) -> dict[str, Any]:
     speed = run_child(python, "bench.peer_llamacpp", "speed", job)
     ppl = run_child(python, "bench.peer_llamacpp", "ppl", job)
     notes = (
-        f"llama-cpp-python {probe.stdout.strip()} built from its sdist (CPU, GGML_NATIVE), n_threads=2, "
+        f"llama-cpp-python {probe.stdout.strip()} built from its sdist (CPU, GGML_NATIVE without AMX), n_threads=2, "
         "n_threads_batch=2, library defaults otherwise (f16 KV cache, flash_attn off); prompt in one "
         "n_batch=512 call; perplexity with logits_all=True, one eval() per window after reset()"
     )
