@@ -131,6 +131,20 @@ def decode_step(decoder: Decoder, cache: KVCache, token: int) -> np.ndarray:
     return decoder.step(cache, [token], borrow=True)
 
 
+def begin(decoder: Decoder, cache: KVCache, prompt_ids: list[int], params: SamplingParams, max_new_tokens: int,
+          stop_ids: Iterable[int], rng: np.random.Generator | None, stats: GenerationStats,
+          image_features: np.ndarray | None) -> tuple[frozenset[int], np.random.Generator, float, np.ndarray]:
+    """What every generation loop does first: check its arguments, prefill the prompt. Returns the stop ids,
+    the random generator, the prefill's start time and the logits predicting the first token."""
+    rng = rng if rng is not None else make_rng(params.seed)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_prompt(cache, len(prompt_ids))
+    stats.prompt_tokens = len(prompt_ids)
+    start = time.perf_counter()
+    return frozenset(stop_ids), rng, start, prefill(decoder, cache, prompt_ids, image_features)
+
+
 class _Seen:
     """The set of ids in the context, for the repetition penalty (tracked only when the penalty is on)."""
 
@@ -167,14 +181,8 @@ def generate(
     (for the repetition penalty); `stats` is filled in as the generation runs.
     """
     stats = stats if stats is not None else GenerationStats()
-    stop = frozenset(stop_ids)
-    rng = rng if rng is not None else make_rng(params.seed)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_prompt(cache, len(prompt_ids))
-    stats.prompt_tokens = len(prompt_ids)
-    start = time.perf_counter()
-    logits = prefill(decoder, cache, prompt_ids, image_features)
+    stop, rng, start, logits = begin(decoder, cache, prompt_ids, params, max_new_tokens, stop_ids, rng, stats,
+                                     image_features)
     seen = _Seen(logits.shape[-1], [*history, *prompt_ids], params.repetition_penalty != 1.0)
     stats.prefill_seconds = time.perf_counter() - start
     reason = "length"

@@ -38,10 +38,9 @@ from gemma3.runtime.generate import (
     GenerationStats,
     Piece,
     TextStream,
-    check_prompt,
+    begin,
     generate,
     peak_rss_mb,
-    prefill,
 )
 from gemma3.runtime.kv_cache import KVCache
 from gemma3.runtime.manifest import ManifestError
@@ -229,14 +228,8 @@ def speculative_generate(
         raise ManifestError("speculative decoding needs a decoder that returns several positions' logits "
                             "(an ONNX Runtime export with logits_count): re-export the model")
     stats.speculative = getattr(drafter, "method", "custom")
-    stop = frozenset(stop_ids)
-    rng = rng if rng is not None else make_rng(params.seed)
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    check_prompt(cache, len(prompt_ids))
-    stats.prompt_tokens = len(prompt_ids)
-    start = time.perf_counter()
-    logits = prefill(decoder, cache, prompt_ids, image_features)
+    stop, rng, start, logits = begin(decoder, cache, prompt_ids, params, max_new_tokens, stop_ids, rng, stats,
+                                     image_features)
     context = [*history, *prompt_ids]  # the drafters' view: every token before the pending one
     # tokens decided but not yet yielded (new[-1] is not fed); max_new_tokens 0 samples nothing, as plain
     new = [sample(logits, params, rng)] if max_new_tokens > 0 else []
