@@ -20,13 +20,13 @@ from gemma3.graphs.loaders.checkpoint import Checkpoint
 
 from .progress import Progress
 from .quantize import FP8_MAX
-from .quantizers import ROWS_PER_CHUNK, Quantized, quantize
-from .recipes import Scheme
 
 # Calibrated fp8 activation ranges get 2x headroom: on the real 270M the eval text's inputs reach up to 1.77x the
 # calibration absmax (o_proj/down_proj), and saturating them cost more than the lost binade. PyTorch fake-quant,
 # bf16 weights, fp8 activations only: 13.569 at 1x, 13.469 at 2x (bf16 13.415; 0.25x: 5004).
 ACTIVATION_HEADROOM = 2.0
+from .quantizers import ROWS_PER_CHUNK, Quantized, quantize
+from .recipes import Scheme
 
 ALIGN = 4096  # page-aligned offsets let ONNX Runtime memory-map the weights instead of copying them
 WRITE_WORKERS = 2  # threads quantizing and writing tensors (the machines this must run on have 2 cores)
