@@ -135,7 +135,7 @@ class Recipe:
                          "searched for the least input-weighted squared error, error feedback where measured")
         if "float8e4m3fn" in kinds:
             parts.append("fp8 E4M3: per-output-channel weight scales (absmax / 448); activations through "
-                         "QuantizeLinear/DequantizeLinear with per-tensor scales calibrated as 2 x absmax / 448")
+                         "QuantizeLinear/DequantizeLinear with per-tensor scales calibrated as absmax / 448")
         floats = kinds & set(FLOAT_TYPES)
         if floats:
             parts.append(f"{'/'.join(sorted(floats))} where not quantized")
