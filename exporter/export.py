@@ -278,9 +278,9 @@ def export(
         if "image_decoder" in manifest:  # both steps in one graph: one session prepacks the weights once
             with stage(f"saving {MULTIMODAL_FILE}"):
                 write_combined(work, "decoder.onnx", "decoder_images.onnx", MULTIMODAL_FILE, "image_features")
-            manifest["multimodal_decoder"] = io(MULTIMODAL_FILE, "last", True)
-            if "logits_count" in manifest["decoder"]:  # the text branch reads it (the image branch returns 1 row)
-                manifest["multimodal_decoder"]["logits_count"] = manifest["decoder"]["logits_count"]
+            # the combined graph takes the text graph's inputs (logits_count included) plus the image rows
+            manifest["multimodal_decoder"] = {**manifest["decoder"], "file": MULTIMODAL_FILE,
+                                              "image_features": "image_features"}
         if config.vision is not None:
             manifest["vision"] = {"file": "vision.onnx", "pixel_values": "pixel_values",
                                   "image_features": "image_features", "image_size": config.vision.image_size,

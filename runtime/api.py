@@ -19,7 +19,6 @@ decoder interface (new_cache, step, prefill, chunks), which is all that generati
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -367,11 +366,7 @@ def load(model_dir: str | os.PathLike, threads: int | None = None, chunk_size: i
 
 def int8_activations(manifest: Manifest) -> bool:
     """Whether the export's quantized matmuls round their activations to int8 (MatMulNBits accuracy_level 4)."""
-    try:
-        quantization = json.loads((manifest.root / MANIFEST_FILE).read_text()).get("quantization") or {}
-    except (OSError, ValueError):
-        return False
-    return isinstance(quantization, dict) and quantization.get("accuracy_level") == 4
+    return manifest.accuracy_level == 4
 
 
 def load_tokenizer(manifest: Manifest) -> Tokenizer:

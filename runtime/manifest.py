@@ -126,6 +126,8 @@ class Manifest:
     # ort multimodal: text and image steps in one graph (0 image rows on text steps), so one session holds the
     # weights; exports without it run decoder + image_decoder as two sessions (two prepacked copies)
     multimodal_decoder: DecoderSpec | None = None
+    # ort quantized exports: MatMulNBits' accuracy level (4: activations rounded to int8); None where not recorded
+    accuracy_level: int | None = None
 
 
 class _Reader:
@@ -327,6 +329,8 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
     for k, v in defaults.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise r.fail(f"'generation_defaults.{k}' must be a number, got {v!r}")
+    quantization = data.get("quantization")
+    level = quantization.get("accuracy_level") if isinstance(quantization, dict) else None
     return Manifest(
         root=root,
         format_version=version,
@@ -345,6 +349,7 @@ def load_manifest(model_dir: str | os.PathLike) -> Manifest:
         compute_dtype=r.get(data, "compute_dtype", "", str, optional=True) or "float32",
         max_batch=max_batch,
         multimodal_decoder=None if multimodal_dict is None else decoder(multimodal_dict, "multimodal_decoder"),
+        accuracy_level=level if isinstance(level, int) and not isinstance(level, bool) else None,
     )
 
 
@@ -370,6 +375,11 @@ def _require_data(path: Path, what: str, size: int | None) -> None:
                             f"truncated or from another export ({REFETCH})")
 
 
+def weights_file(graph: Path) -> Path:
+    """A graph's external weights: `decoder.onnx` -> `decoder.onnx.data` (every decoder graph reads the decoder's)."""
+    return graph.with_name(graph.name + ".data")
+
+
 def check_files(manifest: Manifest, eval_decoder: bool = False, generation: bool = True) -> None:
     """Every file an ort folder's graphs need, checked up front so a missing one is named at load time
     rather than by ONNX Runtime at the first image. `generation`: the decoders, vision graph and tokenizer
@@ -392,9 +402,7 @@ def check_files(manifest: Manifest, eval_decoder: bool = False, generation: bool
     weights = manifest.source.get("weights_bytes")
     if isinstance(weights, bool) or not isinstance(weights, int):
         weights = None  # older or hand-written manifests: nothing to compare against
-    decoder_data = manifest.decoder.file.with_name(manifest.decoder.file.name + ".data")  # shared by every decoder
-    _require_data(decoder_data, "decoder weights file", weights)
+    _require_data(weights_file(manifest.decoder.file), "decoder weights file", weights)  # shared by every decoder
     if generation and manifest.vision is not None:
-        vision = manifest.vision.file
-        _require_data(vision.with_name(vision.name + ".data"), "vision weights file", manifest.vision.weights_bytes)
+        _require_data(weights_file(manifest.vision.file), "vision weights file", manifest.vision.weights_bytes)
     require_file(manifest.tokenizer, "tokenizer model")

@@ -15,7 +15,14 @@ import numpy as np
 import onnxruntime as ort
 
 from gemma3.runtime.kv_cache import KVCache, round_capacity
-from gemma3.runtime.manifest import MANIFEST_FILE, DecoderSpec, Manifest, ManifestError, require_file
+from gemma3.runtime.manifest import (
+    MANIFEST_FILE,
+    DecoderSpec,
+    Manifest,
+    ManifestError,
+    require_file,
+    weights_file,
+)
 from gemma3.runtime.memory import PagesReleased
 from gemma3.runtime.prefill import prefill_in_steps
 
@@ -82,9 +89,9 @@ class OrtDecoder:
         self.chunk_size = chunk_size
         self.threads = threads or available_cores()
         path = require_file(self.spec.file, "decoder graph")
-        weights = manifest.decoder.file.with_name(manifest.decoder.file.name + ".data")  # every decoder graph's
         try:
-            with PagesReleased([weights]):  # the file's pages once prepacked: not kept resident (runtime/memory.py)
+            # every decoder graph reads the decoder's weights file; its pages once prepacked are not kept resident
+            with PagesReleased([weights_file(manifest.decoder.file)]):
                 self.session = ort.InferenceSession(
                     str(path), sess_options=session_options(self.threads), providers=["CPUExecutionProvider"]
                 )
@@ -202,7 +209,7 @@ class OrtDecoder:
         if self.spec.logits_count is not None:
             b.bind_cpu_input(self.spec.logits_count, np.array(logits, dtype=np.int64))
         rows = logits if self._logits is not None else n
-        if self._logits_value is not None and rows == 1:
+        if self._logits is not None and rows == 1:
             out, value = self._logits, self._logits_value
         else:  # "all" graphs, or several positions: a fresh [1, rows, vocab] buffer the caller keeps
             out = np.empty((1, rows, self.manifest.model.vocab_size), np.float32)

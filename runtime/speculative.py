@@ -141,6 +141,7 @@ class DraftModel:
         self.decoder, self.folder = decoder, folder
         self.cache: KVCache = decoder.new_cache()
         self.fed: list[int] = []  # the tokens in self.cache, in order
+        self._greedy, self._rng = SamplingParams(temperature=0), make_rng(0)  # greedy: the rng is never drawn
 
     @classmethod
     def open(cls, folder: str | Path, vocab_size: int, tokenizer: Tokenizer, threads: int | None = None) -> DraftModel:
@@ -177,16 +178,14 @@ class DraftModel:
         limit = self.cache.rewindable(position, min(limit, room))
         if limit < 1:
             return []
-        params = SamplingParams(temperature=0)
-        rng = make_rng(None)
         new = list(context[len(self.fed):])
         logits = self.decoder.prefill(self.cache, new)
         self.fed += new
-        out = [sample(logits, params, rng)]
+        out = [sample(logits, self._greedy, self._rng)]
         while len(out) < limit:
             logits = self.decoder.step(self.cache, [out[-1]], borrow=True)
             self.fed.append(out[-1])
-            out.append(sample(logits, params, rng))
+            out.append(sample(logits, self._greedy, self._rng))
         return out
 
     def commit(self, length: int) -> None:

@@ -28,7 +28,7 @@ from gemma3.runtime.images import (
     expand_image_tokens,
     prepare_images,
 )
-from gemma3.runtime.manifest import MANIFEST_FILE, Manifest, ManifestError, require_file
+from gemma3.runtime.manifest import MANIFEST_FILE, Manifest, ManifestError, require_file, weights_file
 from gemma3.runtime.memory import PagesReleased
 from gemma3.runtime.ort_decoder import check_arg, run_error
 
@@ -46,7 +46,7 @@ class OrtVision:
         self.spec = manifest.vision
         path = require_file(self.spec.file, "vision graph")
         try:
-            with PagesReleased([path.with_name(path.name + ".data")]):  # see runtime/memory.py
+            with PagesReleased([weights_file(path)]):  # see runtime/memory.py
                 self.session = ort.InferenceSession(str(path), sess_options=options,
                                                     providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own exception types
