@@ -15,19 +15,20 @@ import pytest
 
 from gemma3.runtime.api import load
 from gemma3.runtime.chat import render_chat
+from tests import serve_live
 from tests.serve_live import MODEL_ID, Recording, live_server, slowed
-from tests.test_runtime_tinymodel import write_tiny_model
 
 STRESS_S = float(os.environ.get("SERVE_STRESS_S", "15"))
 CLIENTS = 16
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
 
 
+tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
+
+
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("serve_tiny")
-    write_tiny_model(folder, vocab=262144, max_context=256, seed=5, with_tokenizer=True)
-    return load(folder, threads=1)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -207,3 +208,15 @@ def test_concurrent_clients_with_random_parameters(model, live):
     assert done[0] >= CLIENTS
     assert live.engine.stats() == {"queued": 0, "active": 0}
     print(f"{done[0]} request pairs from {CLIENTS} clients in {STRESS_S:g} s")
+
+
+@pytest.mark.real270m
+def test_real_270m_answers_like_the_runtime(ort_270m_fp32):
+    """The real 270M (the session's shared export): greedy chat through the server equals the runtime's."""
+    model = load(ort_270m_fp32)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    with live_server(model, model_id="gemma-3-270m") as live:
+        out = live.client().chat.completions.create(model="gemma-3-270m", messages=messages, max_tokens=16,
+                                                    temperature=0, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in out if c.choices)
+    assert text == model.generate(messages, max_new_tokens=16, temperature=0).text and text.strip()
