@@ -125,8 +125,12 @@ class Run:
                     yield Delta(text, pending)
                 return
         finally:
-            if self.outcome.finish_reason is None:  # the client left, or an error: free the slot now
-                self.job.cancel()
+            self.abandon()  # the client left, or an error: free the slot now
+
+    def abandon(self) -> None:
+        """Cancel the job unless it ended normally: for responses torn down before `deltas()` ever ran."""
+        if self.outcome.finish_reason is None:
+            self.job.cancel()
 
     def _count(self, at: float, last: float | None) -> None:
         self.outcome.completion_tokens += 1

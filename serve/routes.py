@@ -104,18 +104,34 @@ async def respond(request: Request, body: _Generation, prepared: Prepared, shape
     run = start(s, prepared, logprobs, body.stop_strings(), prompt_param, received)
     if body.stream:
         include_usage = body.stream_options is not None and body.stream_options.include_usage
-        return StreamingResponse(events(s, run, shape, logprobs, include_usage), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return JobStream(run, events(s, run, shape, logprobs, include_usage), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     try:
         text, tokens = await unless_disconnected(request, run.collect())
     except ConnectionAbortedError:
         return Response(status_code=CLIENT_GONE)
+    finally:
+        run.abandon()  # a cancelled handler (shutdown) may not have started the collection
     lp = None
     if logprobs is not None:
         tok = s.model.tokenizer
         lp = chat_logprobs(tok, tokens) if shape.chat else completion_logprobs(tok, tokens, 0)
     out = run.outcome
     return JSONResponse(shape.full(text, out.finish_reason, lp, usage(run.prompt_tokens, out.completion_tokens)))
+
+
+class JobStream(StreamingResponse):
+    """A streamed answer whose job is cancelled however the response ends, even before its first chunk."""
+
+    def __init__(self, run: Run, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.run = run
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.run.abandon()
 
 
 async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -93,3 +93,11 @@ def test_serial_engine_gives_the_runtimes_tokens_and_logprobs(tiny_model):
         assert lp.top_logprobs[0] >= lp.top_logprobs[1]
     with pytest.raises(RuntimeError):
         engine.submit(Job(ids, params, 1, STOP_IDS, lambda t, lp: None, lambda r, e: None))
+
+
+def test_the_server_imports_without_torch():
+    """A serving box has the runtime and serve extras only: every serve module imports with torch blocked."""
+    blocked = ("torch", "transformers", "onnx", "onnxscript", "gemma3.graphs", "gemma3.exporter")
+    code = "; ".join(["import sys", *[f"sys.modules[{name!r}] = None" for name in blocked],
+                      "import gemma3.serve.app, gemma3.serve.cli, gemma3.serve.engines"])
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
