@@ -97,7 +97,8 @@ async def _send_json(send: Send, error: APIError) -> None:
 
 
 class CountRequests:
-    """requests_total by route (the matched path, so unknown paths share one label) and status."""
+    """requests_total by route (the matched path, so unknown paths share one label) and status (499: the client
+    left before an answer started)."""
 
     def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
@@ -114,6 +115,9 @@ class CountRequests:
 
         try:
             await self.app(scope, receive, sending)
+        except Exception:  # answered 500 by Starlette's outermost error middleware
+            status.setdefault("code", 500)
+            raise
         finally:
             route = getattr(scope.get("route"), "path", "unmatched")
             self.state.metrics.requests.inc(route, str(status.get("code", 499)))

@@ -24,7 +24,7 @@ from gemma3.runtime.api import DEFAULT_MAX_NEW_TOKENS, Model
 from gemma3.runtime.images import ImageError, decode_image, load_image
 from gemma3.runtime.sampling import SamplingParams
 from gemma3.serve.errors import APIError, bad_param
-from gemma3.serve.schemas import ChatRequest, CompletionRequest, _Generation
+from gemma3.serve.schemas import MAX_STOP_STRINGS, ChatRequest, CompletionRequest, _Generation
 
 SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
@@ -55,8 +55,8 @@ def check_common(body: _Generation) -> None:
     for name in ("presence_penalty", "frequency_penalty"):
         if getattr(body, name) != 0:
             raise bad_param(name, f"{name} is not supported: use repetition_penalty (> 1 discourages repeats)")
-    if isinstance(body.stop, list) and len(body.stop) > 16:
-        raise bad_param("stop", f"at most 16 stop strings, got {len(body.stop)}")
+    if isinstance(body.stop, list) and len(body.stop) > MAX_STOP_STRINGS:
+        raise bad_param("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(body.stop)}")
     if body.stream_options is not None and not body.stream:
         raise bad_param("stream_options", "stream_options needs stream: true")
 
@@ -153,8 +153,8 @@ async def prepare_chat(model: Model, body: ChatRequest, vision: Executor, allow_
 
 def prepare_completion(model: Model, body: CompletionRequest) -> Prepared:
     check_common(body)
-    for name, neutral in (("echo", False), ("best_of", None), ("suffix", None)):
-        if getattr(body, name) not in (neutral, 1 if name == "best_of" else neutral):
+    for name, neutral in (("echo", (False,)), ("best_of", (None, 1)), ("suffix", (None,))):
+        if getattr(body, name) not in neutral:
             raise bad_param(name, f"{name} is not supported")
     prompt = body.prompt
     if isinstance(prompt, list):
