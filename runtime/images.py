@@ -18,6 +18,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -76,12 +77,17 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         raise ImageError(f"image {name!r} does not exist")
     if os.path.isdir(name):
         raise ImageError(f"image {name!r} is a folder, not an image file")
+    return decode_image(name, name)
+
+
+def decode_image(source: str | IO[bytes], name: str) -> Image.Image:
+    """`load_image` for a path or an open binary file (an uploaded image's bytes); errors name it `name`."""
     try:
         # The warning level of the guard would only print: make it raise, for this call only.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # Pillow's notes on damaged metadata: not the CLI's line
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(name) as image:
+            with Image.open(source) as image:
                 image.load()  # decode now, so a truncated file fails here and not later in a resize
                 return to_rgb(image)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import numpy as np
 
-from gemma3.runtime.sampling import SamplingParams
+from gemma3.runtime.sampling import SamplingParams, apply_repetition_penalty, apply_temperature
 
 FINISH_REASONS = ("stop", "length", "context", "cancelled", "error")
 
@@ -37,6 +37,23 @@ class TokenLogprobs:
     logprob: float
     top_ids: tuple[int, ...] = ()
     top_logprobs: tuple[float, ...] = ()
+
+    @classmethod
+    def from_logits(cls, logits: np.ndarray, params: SamplingParams, token: int, top: int,
+                    seen_ids: np.ndarray | None = None) -> TokenLogprobs:
+        """`token`'s entry of the logits `sample` saw (after the repetition penalty over `seen_ids`), at the
+        sampling temperature (greedy: the raw distribution), and the `top` most likely tokens', best first."""
+        x = np.asarray(logits, dtype=np.float32).reshape(-1)
+        if seen_ids is not None:
+            x = apply_repetition_penalty(x, seen_ids, params.repetition_penalty)
+        if not params.greedy:
+            x = apply_temperature(x, params.temperature)
+        x64 = x.astype(np.float64)
+        peak = x64.max()
+        logp = x64 - (peak + np.log(np.exp(x64 - peak).sum()))
+        best = np.argpartition(-logp, top - 1)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
+        best = best[np.argsort(-logp[best], kind="stable")]
+        return cls(float(logp[token]), tuple(int(i) for i in best), tuple(float(logp[i]) for i in best))
 
 
 @dataclass(eq=False)
