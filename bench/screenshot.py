@@ -54,7 +54,7 @@ def main() -> None:
             page.click("#send")
             page.wait_for_function("() => (window.answerUpdates.filter(Boolean).length >= 4)")
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(args.out))
+            page.screenshot(path=str(args.out), full_page=True)
             page.click("#stop")
     log.info("wrote %s", args.out)
 
