@@ -46,9 +46,10 @@ async function loadModel() {
     showError(`The server cannot be reached: ${e.message}`);
     return;
   }
-  if (response.status === 401) { // the server has a key: ask for it
+  if (response.status === 401) { // the server has a key: ask for it (and say so if the one given is wrong)
     $("key-row").hidden = false;
     $("model").textContent = "this server needs an API key (Settings)";
+    showError($("api-key").value.trim() ? await responseError(response) : "");
     return;
   }
   if (!response.ok) {
@@ -143,7 +144,13 @@ async function send(event) {
   if (!text || controller) return;
   showError("");
   const file = $("image-controls").hidden ? null : $("image").files[0];
-  const imageUrl = file ? await readAsDataURL(file) : null;
+  let imageUrl = null;
+  try {
+    imageUrl = file ? await readAsDataURL(file) : null;
+  } catch (e) {
+    showError(`The image cannot be read: ${e.message}`);
+    return;
+  }
   const user = {
     role: "user",
     content: imageUrl ? [{ type: "image_url", image_url: { url: imageUrl } }, { type: "text", text }] : text,
