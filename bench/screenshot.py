@@ -41,20 +41,23 @@ def main() -> None:
         model = load(folder, threads=1)
         png = base64.b64decode(png_url((640, 360), seed=3).split(",", 1)[1])
         with live_server(slowed(model, 0.05), model_id=folder.name) as live, chromium() as browser:
-            chat = ChatPage(browser, live.url, width=1100, height=720)
+            chat = ChatPage(browser, live.url, width=1100, height=1000)
             page = chat.page
             chat.set(system="Answer in one short paragraph.", temperature=0.7, top_k=64, max_tokens=24, seed=1)
             if model.sees_images:
                 page.set_input_files("#image", files=[{"name": "photo.png", "mimeType": "image/png",
                                                        "buffer": png}])
                 page.check("#pan-and-scan")
-            chat.ask("What is in this picture?")
-            chat.ask("Describe it as a haiku.")
-            page.fill("#prompt", "And once more, in French?")
+            first, second, third = (("What is in this picture?", "Describe it as a haiku.", "And in French?")
+                                    if model.sees_images else
+                                    ("Why is the sky blue?", "And why are sunsets red?", "Say that as a haiku."))
+            chat.ask(first)
+            chat.ask(second)
+            page.fill("#prompt", third)
             page.click("#send")
             page.wait_for_function("() => (window.answerUpdates.filter(Boolean).length >= 4)")
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            page.screenshot(path=str(args.out), full_page=True)
+            page.screenshot(path=str(args.out))
             page.click("#stop")
     log.info("wrote %s", args.out)
 
