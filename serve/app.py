@@ -13,12 +13,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gemma3.runtime.api import Model
 from gemma3.runtime.jobs import Engine
 from gemma3.serve.errors import APIError, too_large, validation_error
+from gemma3.serve.page import STATIC, page
 from gemma3.serve.routes import plain, v1
 from gemma3.serve.state import ServerState, Settings
 
@@ -39,6 +41,8 @@ def create_app(model: Model, engine: Engine, settings: Settings) -> FastAPI:
     app.state.server = state
     app.include_router(v1)
     app.include_router(plain)
+    app.include_router(page)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:

@@ -23,7 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, formatter_class=HelpFormatter,
         description="Serve a Gemma 3 model exported by gemma3-export over OpenAI's HTTP API: /v1/chat/completions, "
-        "/v1/completions, /v1/models, plus /health and /metrics (Prometheus).",
+        "/v1/completions, /v1/models, plus /health, /metrics (Prometheus) and a chat page at /.",
         epilog="Sampling defaults come from the model's manifest; requests override them (top_k, min_p, "
         "repetition_penalty and pan_and_scan as extra body fields). SIGTERM or Ctrl-C: stop accepting, finish the "
         "running requests (up to --shutdown-timeout), then exit.",

@@ -1,4 +1,5 @@
-"""The HTTP routes: OpenAI's chat completions, completions and models, plus /health and /metrics."""
+"""The HTTP routes: OpenAI's chat completions, completions and models, plus /health and /metrics (the chat page at
+`/` is serve/page.py)."""
 
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ async def parse(request: Request, schema: type[B]) -> B:
 @v1.get("/models")
 async def models(request: Request) -> dict[str, Any]:
     s = server(request)
+    # sees_images: an extra field (OpenAI's clients keep unknown ones) telling the chat page to offer uploads
     return {"object": "list", "data": [{"id": s.settings.model_id, "object": "model", "created": s.started,
-                                        "owned_by": "gemma3-export"}]}
+                                        "owned_by": "gemma3-export", "sees_images": s.model.sees_images}]}
 
 
 @v1.post("/chat/completions")
