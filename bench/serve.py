@@ -38,6 +38,7 @@ LLAMA = "llama.cpp"
 SEED = 1234
 SCALING_TARGET = 3.0  # aggregate at 8 clients >= 3x our single stream, once the batching engine lands
 START_TIMEOUT_S = 300.0
+PROMPT_BUDGET = 96  # tokens of prompt(i) at most (75 with Gemma's tokenizer, bos included)
 
 
 def prompt(index: int) -> str:
@@ -269,8 +270,7 @@ def main() -> None:
         problem = ensure_llama_cpp_server()
         if problem:
             sys.exit(f"llama.cpp's server is not available ({problem}); --no-llamacpp to run ours only")
-        prompt_budget = 64  # prompt(i) is ~60 tokens; n_ctx rounded up to a multiple of 256
-        n_ctx = -(-max(clients) * (prompt_budget + args.max_tokens) // 256) * 256
+        n_ctx = -(-max(clients) * (PROMPT_BUDGET + args.max_tokens) // 256) * 256
         servers.append(llama_server(gguf, n_ctx))
     names = [s.name for s in servers]
     report: dict[str, Any] = {"model": str(gguf), "clients": clients, "max_tokens": args.max_tokens,
