@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo bench gpu-check clean
+.PHONY: setup test lint demo bench bench-serve gpu-check clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m bench.run
+
+# gemma3-serve against llama.cpp's server, 1/2/4/8 streaming clients: bench/results/serve.json.
+bench-serve: setup
+	$(PY) -m bench.serve
 
 # The attention kernel on this machine's NVIDIA GPU (exit 2 without one): bench/results/gpu-check.json.
 gpu-check:

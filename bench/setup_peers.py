@@ -34,6 +34,11 @@ LLAMA_CPP = "llama-cpp-python==0.3.36"
 # (-march=native otherwise unchanged: AVX-512, VNNI, BF16 stay; gcc drops an ISA given as -mno-* whatever
 # the order) passes. Changing these flags rebuilds the venv (see _stamp).
 LLAMA_CPP_FLAGS = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+# llama-cpp-python's `server` extra (its METADATA), installed by name so pip never touches the compiled package:
+# `pip install llama-cpp-python[server]` would be satisfied by the installed build, but a changed pin or flags
+# would recompile it (~9 minutes). Used by bench.serve (`python -m llama_cpp.server`).
+LLAMA_CPP_SERVER = ["uvicorn>=0.22.0", "fastapi>=0.100.0", "pydantic-settings>=2.0.1", "sse-starlette>=1.6.1",
+                    "starlette-context>=0.3.6,<0.4", "PyYAML>=5.1"]
 GENAI = "onnxruntime-genai==0.18.0"
 
 log = logging.getLogger(__name__)
@@ -79,6 +84,21 @@ def ensure_llama_cpp() -> str | None:
     return None
 
 
+def ensure_llama_cpp_server() -> str | None:
+    """llama.cpp's OpenAI server in the peers venv (its dependencies only): None when ready, else why not."""
+    problem = ensure_llama_cpp()
+    if problem is not None:
+        return problem
+    python = str(peers_python())
+    if _run([python, "-c", "import llama_cpp.server.app"])[0]:
+        return None
+    ok, out = _run([python, "-m", "pip", "install", "-q", *LLAMA_CPP_SERVER])
+    if not ok:
+        return f"pip install of llama-cpp-python's server extra failed: {out[-500:]}"
+    ok, out = _run([python, "-c", "import llama_cpp.server.app"])
+    return None if ok else f"llama_cpp.server does not import: {out[-500:]}"
+
+
 def ensure_genai() -> str | None:
     if importlib.util.find_spec("onnxruntime_genai") is not None:
         return None
@@ -87,7 +107,8 @@ def ensure_genai() -> str | None:
 
 
 def ensure_all() -> dict[str, str | None]:
-    return {"llama.cpp": ensure_llama_cpp(), "onnxruntime-genai": ensure_genai()}
+    return {"llama.cpp": ensure_llama_cpp(), "llama.cpp server": ensure_llama_cpp_server(),
+            "onnxruntime-genai": ensure_genai()}
 
 
 if __name__ == "__main__":
