@@ -93,15 +93,16 @@ class SerialEngine:
                     return
                 self._current = job = self._queue.popleft()
             try:
-                self._run(job)
+                reason, error = self._run(job)
             finally:
                 with self._cond:
                     self._current = None
+            job.on_done(reason, error)  # after the slot is free: a client told "done" sees an idle engine
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> tuple[str, BaseException | None]:
+        """The job's tokens through `on_token`; returns its finish reason and error for `on_done`."""
         if job.cancelled.is_set():
-            job.on_done("cancelled", None)
-            return
+            return "cancelled", None
         decoder = self.model.decoder
         tap = _LogitsTap(decoder) if job.logprobs is not None else None
         penalty = job.logprobs is not None and job.params.repetition_penalty != 1.0
@@ -125,9 +126,8 @@ class SerialEngine:
                     break
         except Exception as e:  # the job fails, the engine goes on
             log.exception("generation failed")
-            job.on_done("error", e)
-            return
-        job.on_done(reason or stats.finish_reason or "length", None)
+            return "error", e
+        return reason or stats.finish_reason or "length", None
 
 
 def make_engine(model: Model, max_batch: int, max_queue: int) -> Engine:
