@@ -46,7 +46,7 @@ class RayServeOptions:
 
     model: str  # exported model folder: the same path on every node that may run a replica
     served_model_name: str | None = None  # the model id clients use (default: the folder name)
-    api_key: str | None = None  # Bearer key for /v1 routes; None: open
+    api_key: str | None = None  # Bearer key for /v1 routes; None: the replica's $GEMMA3_API_KEY, else open
     allow_local_images: bool = False
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_batch: int = 8  # per replica, where the export and engine can batch
@@ -92,7 +92,8 @@ class RayServeOptions:
 
     def settings(self) -> Settings:
         name = self.served_model_name or os.path.basename(os.path.normpath(self.model))
-        return Settings(model_id=name, api_key=self.api_key or None, allow_local_images=self.allow_local_images,
+        key = self.api_key or os.environ.get("GEMMA3_API_KEY")  # read in the replica: keys stay out of configs
+        return Settings(model_id=name, api_key=key or None, allow_local_images=self.allow_local_images,
                         max_body_bytes=int(self.max_body_mb * 2**20))
 
     def deployment_options(self) -> dict[str, Any]:
@@ -187,8 +188,9 @@ def build_app(args: Mapping[str, Any]) -> Application:
 def run(options: RayServeOptions, address: str | None, host: str, port: int) -> int:
     """`gemma3-serve --ray`: join (`address`) or start a Ray instance, serve until SIGINT / SIGTERM, then delete
     the application (its replicas drain for `shutdown_timeout`) and leave the cluster as it was."""
-    # a local instance: no dashboard (nothing here reads it, and it costs seconds and memory)
-    ray.init(address=address, log_to_driver=False, **({} if address else {"include_dashboard": False}))
+    # "local": a new instance even where `ray start` left one running (ray.init() alone would join it); no
+    # dashboard there (nothing reads it, and it costs seconds and memory)
+    ray.init(address=address or "local", log_to_driver=False, **({} if address else {"include_dashboard": False}))
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(make_deployment(options).bind(), name=APP_NAME, route_prefix="/")
