@@ -187,22 +187,32 @@ def build_app(args: Mapping[str, Any]) -> Application:
 
 def run(options: RayServeOptions, address: str | None, host: str, port: int) -> int:
     """`gemma3-serve --ray`: join (`address`) or start a Ray instance, serve until SIGINT / SIGTERM, then delete
-    the application (its replicas drain for `shutdown_timeout`) and leave the cluster as it was."""
+    the application (its replicas drain for `shutdown_timeout`) and leave a joined cluster as it was."""
+    stop = threading.Event()
     # "local": a new instance even where `ray start` left one running (ray.init() alone would join it); no
     # dashboard there (nothing reads it, and it costs seconds and memory)
     ray.init(address=address or "local", log_to_driver=False, **({} if address else {"include_dashboard": False}))
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(make_deployment(options).bind(), name=APP_NAME, route_prefix="/")
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose crash logger takes SIGTERM (and aborts)
+        signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(make_deployment(options).bind(), name=APP_NAME, route_prefix="/")
+    if not stop.is_set():
         log.warning("serving %s on http://%s:%d with %s", options.model, host, port,
                     "autoscaling" if options.autoscaling else f"{options.replicas} replica(s)")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-        serve.delete(APP_NAME)
-        if address is None:  # our own instance: nothing else runs on it
-            serve.shutdown()
-    finally:
-        ray.shutdown()
+    stop.wait()
+    cleanup = threading.Thread(target=_stop, args=(address is None,), daemon=True)
+    cleanup.start()
+    cleanup.join(options.shutdown_timeout + 15)
+    if cleanup.is_alive():
+        # Ray itself is gone (a signal to the whole process group reaches its local services too): its client
+        # threads would wait a minute for it, and then abort
+        log.warning("Ray did not answer within %.0f s: exiting without it", options.shutdown_timeout + 15)
+        os._exit(1)
     return 0
+
+
+def _stop(own_instance: bool) -> None:
+    serve.delete(APP_NAME)
+    if own_instance:  # nothing else runs on it
+        serve.shutdown()
+    ray.shutdown()
