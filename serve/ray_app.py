@@ -197,8 +197,8 @@ def run(options: RayServeOptions, address: str | None, host: str, port: int) -> 
     serve.start(http_options={"host": host, "port": port})
     serve.run(make_deployment(options).bind(), name=APP_NAME, route_prefix="/")
     if not stop.is_set():
-        log.warning("serving %s on http://%s:%d with %s", options.model, host, port,
-                    "autoscaling" if options.autoscaling else f"{options.replicas} replica(s)")
+        log.info("serving %s on http://%s:%d with %s", options.model, host, port,
+                 "autoscaling" if options.autoscaling else f"{options.replicas} replica(s)")
     stop.wait()
     cleanup = threading.Thread(target=_stop, args=(address is None,), daemon=True)
     cleanup.start()
