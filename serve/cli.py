@@ -2,6 +2,7 @@
 
     gemma3-serve --model out/gemma-3-270m-it
     gemma3-serve --model out/gemma-3-4b-it --host 0.0.0.0 --port 8080 --api-key "$KEY" --max-batch 8
+    gemma3-serve --model out/gemma-3-270m-it --ray --replicas 4 --threads 2     # Ray Serve replicas (serve/ray_app.py)
 """
 
 from __future__ import annotations
@@ -12,11 +13,13 @@ import os
 import sys
 
 from gemma3.runtime.cli import HelpFormatter
-from gemma3.runtime.manifest import ManifestError
+from gemma3.runtime.manifest import ManifestError, check_files, load_manifest
 from gemma3.serve.state import DEFAULT_MAX_BODY_MB, Settings
 
 PROG = "gemma3-serve"
 EXIT_USAGE = 2
+RAY_ONLY = ("ray_address", "replicas", "min_replicas", "max_replicas", "target_ongoing_requests",
+            "max_ongoing_requests", "num_gpus")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +49,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds to let running requests finish before they are cancelled")
     p.add_argument("-v", "--verbose", action="store_true", help="log requests and loading details")
+    ray = p.add_argument_group("Ray Serve (pip install 'gemma3-export[ray]')", "the same routes served by replicas "
+                               "of the app on a Ray cluster, each loading the model itself; Ray's HTTP proxy spreads "
+                               "requests over them (--threads: each replica's threads and reserved CPUs, default 1)")
+    ray.add_argument("--ray", action="store_true", help="serve as a Ray Serve application")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="join this Ray cluster ('auto': the one `ray start` made here); default: a local instance")
+    ray.add_argument("--replicas", type=int, default=1, metavar="N",
+                     help="replicas (with autoscaling: how many start)")
+    ray.add_argument("--min-replicas", type=int, metavar="N", help="autoscale, down to N replicas (0: scale to zero)")
+    ray.add_argument("--max-replicas", type=int, metavar="N", help="autoscale, up to N replicas")
+    ray.add_argument("--target-ongoing-requests", type=float, metavar="R",
+                     help="autoscaling aims at R requests per replica (default: --max-batch)")
+    ray.add_argument("--max-ongoing-requests", type=int, metavar="N",
+                     help="requests a replica takes before Ray's router queues the rest (default: 2 * --max-batch)")
+    ray.add_argument("--num-gpus", type=float, default=0.0, metavar="G",
+                     help="GPUs per replica (1 for TensorRT engines: replicas go to GPU nodes)")
     return p
+
+
+def serve_ray(args: argparse.Namespace) -> int:
+    """--ray: the same app on Ray Serve replicas (imported here only: the plain server never imports ray)."""
+    try:
+        from gemma3.serve.ray_app import RayServeOptions, run
+    except ImportError as e:
+        print(f"{PROG}: error: {e}: install Ray Serve with pip install 'gemma3-export[ray]'", file=sys.stderr)
+        return EXIT_USAGE
+    names = ("model", "served_model_name", "api_key", "allow_local_images", "max_body_mb", "max_batch", "max_queue",
+             "replicas", "min_replicas", "max_replicas", "target_ongoing_requests", "max_ongoing_requests",
+             "num_gpus", "shutdown_timeout")
+    try:
+        options = RayServeOptions(threads=args.threads or 1, **{n: getattr(args, n) for n in names})
+        if args.ray_address is None:  # a local instance: the replicas read this folder, so check it here first
+            check_files(load_manifest(options.model))
+    except (ManifestError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return run(options, args.ray_address, args.host, args.port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.INFO if args.verbose else logging.WARNING
     logging.basicConfig(level=level, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gemma3").setLevel(level)
+    if args.ray:
+        return serve_ray(args)
+    given = [f"--{n.replace('_', '-')}" for n in RAY_ONLY if getattr(args, n) != parser.get_default(n)]
+    if given:
+        parser.error(f"{', '.join(given)}: only with --ray")
     try:
         import uvicorn
 
