@@ -1,0 +1,266 @@
+"""Continuous batching (runtime/batching.py) on a tiny random Gemma 3 written by the real exporter (batch graph).
+
+Every sequence of a batch must produce the tokens it produces alone (`generate` on its own cache): greedy and
+seeded sampling, with prompts of different lengths prefilled in chunks between decode steps, jobs joining and
+leaving mid-way (rows moved to keep the batch packed), and contexts running far past the local window (window 8 in
+a buffer of 24 rows, compacted per sequence).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from gemma3.runtime.api import Model
+from gemma3.runtime.batching import BatchEngine, NotBatched
+from gemma3.runtime.generate import generate
+from gemma3.runtime.jobs import Job, QueueFull, TokenLogprobs
+from gemma3.runtime.kv_cache import ContextLengthError
+from gemma3.runtime.manifest import load_manifest
+from gemma3.runtime.ort_decoder import OrtDecoder
+from gemma3.runtime.sampling import SamplingParams
+from tests.test_runtime_tinymodel import write_tiny_model
+
+GREEDY = SamplingParams(temperature=0)
+CHUNK = 16  # prefill steps of 16 tokens: a 40-token prompt takes 3 steps, interleaved with decode steps
+TIMEOUT = 60
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Model:
+    from gemma3.exporter.export import export
+    from gemma3.exporter.recipes import recipe
+    from gemma3.graphs.config import tiny
+    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
+
+    folder = export(RandomCheckpoint(tiny(), seed=4), tmp_path_factory.mktemp("batch") / "tiny", recipe("fp32"),
+                    eval_graph=False)
+    manifest = load_manifest(folder)
+    assert manifest.decoder.batch
+    # the engine reads the manifest and decoder only (tiny()'s 512-row vocabulary is too small for the tokenizer)
+    return Model(manifest, None, OrtDecoder(manifest, threads=1, chunk_size=CHUNK))  # type: ignore[arg-type]
+
+
+def alone(model: Model, prompt: list[int], n: int, params: SamplingParams = GREEDY, stop=()) -> tuple[list[int], str]:
+    from gemma3.runtime.generate import GenerationStats
+
+    stats = GenerationStats()
+    cache = model.decoder.new_cache()
+    tokens = [p.token_id for p in generate(model.decoder, cache, prompt, params, n, stop_ids=stop, stats=stats)]
+    return tokens, stats.finish_reason
+
+
+class Run:
+    """One job's record: its tokens, logprobs and end, and an event set when it ends."""
+
+    def __init__(self, prompt: list[int], max_new: int, params: SamplingParams = GREEDY, stop=(),
+                 logprobs: int | None = None, after: Callable[[Run], None] | None = None) -> None:
+        self.tokens: list[int] = []
+        self.logprobs: list[TokenLogprobs | None] = []
+        self.reason: str | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.after = after  # called after each token (on the engine's thread)
+        self.job = Job(prompt, params, max_new, frozenset(stop), self._token, self._done, logprobs=logprobs)
+
+    def _token(self, token: int, lp: TokenLogprobs | None) -> None:
+        self.tokens.append(token)
+        self.logprobs.append(lp)
+        if self.after is not None:
+            self.after(self)
+
+    def _done(self, reason: str, error: BaseException | None) -> None:
+        self.reason, self.error = reason, error
+        self.done.set()
+
+    def wait(self) -> Run:
+        assert self.done.wait(TIMEOUT), "the job never ended"
+        return self
+
+
+PROMPTS = [[2, *range(10, 10 + k)] for k in (3, 17, 40, 9, 70, 5)]
+MAX_NEW = [60, 35, 50, 20, 45, 30]
+
+
+def staggered(engine: BatchEngine, params: list[SamplingParams], logprobs: int | None = None) -> list[Run]:
+    """Job 0 first; job k > 0 is submitted (on the engine's thread, so the timeline is deterministic) when job k - 1
+    has produced 2 + 2k tokens: jobs join a running batch, and some finish while another is being prefilled."""
+    runs: list[Run] = []
+
+    def trigger(k: int) -> Callable[[Run], None] | None:
+        if k + 1 >= len(PROMPTS):
+            return None
+
+        def after(run: Run) -> None:
+            if len(run.tokens) == 4 + 2 * k:
+                engine.submit(runs[k + 1].job)
+        return after
+
+    for k, (prompt, n) in enumerate(zip(PROMPTS, MAX_NEW)):
+        runs.append(Run(prompt, n, params[k], logprobs=logprobs, after=trigger(k)))
+    engine.submit(runs[0].job)
+    return [run.wait() for run in runs]
+
+
+def test_batched_greedy_equals_alone(model):
+    engine = BatchEngine(model, max_batch=4)
+    finishes, original = [], engine._finish
+
+    def finish(seq, reason, error=None):  # record whether a row left while another sequence was being prefilled
+        finishes.append(engine._prefilling is not None and seq is not engine._prefilling)
+        original(seq, reason, error)
+
+    engine._finish = finish
+    runs = staggered(engine, [GREEDY] * len(PROMPTS))
+    engine.close()
+    for run, prompt, n in zip(runs, PROMPTS, MAX_NEW):
+        assert (run.tokens, run.reason) == alone(model, prompt, n)
+    total = sum(MAX_NEW) - len(MAX_NEW)  # decode steps the jobs would take one by one
+    assert engine.steps < 0.6 * total  # steps were shared
+    assert any(finishes)  # a packed-row move happened under a prefill in flight
+    assert max(len(p) + n for p, n in zip(PROMPTS, MAX_NEW)) > 3 * 24  # far past the local buffer
+
+
+def test_seeded_sampling_equals_alone(model):
+    params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, min_p=0.02, repetition_penalty=1.3, seed=k)
+              for k in range(len(PROMPTS))]
+    engine = BatchEngine(model, max_batch=3)
+    runs = staggered(engine, params, logprobs=2)
+    engine.close()
+    for run, prompt, n, p in zip(runs, PROMPTS, MAX_NEW, params):
+        assert (run.tokens, run.reason) == alone(model, prompt, n, p)
+    assert len({tuple(r.tokens[:5]) for r in runs}) > 1
+
+
+def test_logprobs_match_a_log_softmax_of_the_alone_logits(model):
+    prompt, n = PROMPTS[2], 30
+    engine = BatchEngine(model)
+    other = Run(PROMPTS[1], 30)
+    engine.submit(other.job)
+    run = Run(prompt, n, logprobs=5)
+    engine.submit(run.job)
+    run.wait(), other.wait()
+    engine.close()
+    cache = model.decoder.new_cache()
+    logits = model.decoder.prefill(cache, prompt)
+    for token, lp in zip(run.tokens, run.logprobs):
+        x = logits.astype(np.float64)
+        log_softmax = x - x.max() - np.log(np.exp(x - x.max()).sum())
+        assert lp is not None and len(lp.top_ids) == 5 and lp.top_ids[0] == token  # greedy picks the top one
+        assert lp.logprob == pytest.approx(log_softmax[token], abs=1e-4)
+        assert list(lp.top_logprobs) == sorted(lp.top_logprobs, reverse=True)
+        np.testing.assert_allclose(lp.top_logprobs, log_softmax[list(lp.top_ids)], atol=1e-4)
+        assert np.exp(lp.top_logprobs).sum() <= 1 + 1e-6 and lp.logprob <= 0
+        logits = model.decoder.step(cache, [token])
+
+
+def test_cancel_frees_the_slot_and_others_continue(model):
+    engine = BatchEngine(model, max_batch=2)
+    cancelled = Run(PROMPTS[0], 50, after=lambda r: r.job.cancel() if len(r.tokens) == 3 else None)
+    kept, waiting = Run(PROMPTS[1], 40), Run(PROMPTS[2], 20)
+    for run in (cancelled, kept, waiting):
+        engine.submit(run.job)  # the third waits for a slot: the cancelled job's
+    for run in (cancelled, kept, waiting):
+        run.wait()
+    engine.close()
+    assert cancelled.reason == "cancelled" and cancelled.tokens == alone(model, PROMPTS[0], 3)[0]
+    assert (kept.tokens, kept.reason) == alone(model, PROMPTS[1], 40)
+    assert (waiting.tokens, waiting.reason) == alone(model, PROMPTS[2], 20)
+
+
+def test_stop_ids_and_full_context(model):
+    greedy, _ = alone(model, PROMPTS[1], 20)
+    engine = BatchEngine(model)
+    stopped = Run(PROMPTS[1], 20, stop={greedy[4]})
+    long_prompt = [2, *(np.arange(249) % 400 + 3).tolist()]  # 250 tokens of a 256-token context
+    full = Run(long_prompt, 20)
+    engine.submit(stopped.job), engine.submit(full.job)
+    stopped.wait(), full.wait()
+    engine.close()
+    assert (stopped.tokens, stopped.reason) == (greedy[:greedy.index(greedy[4])], "stop")
+    assert (full.tokens, full.reason) == alone(model, long_prompt, 20)
+    assert full.reason == "context" and len(full.tokens) == 7  # the 7th fills position 256: yielded, never fed
+
+
+def test_queue_full_and_refusals_before_queueing(model):
+    release = threading.Event()
+    engine = BatchEngine(model, max_batch=1, max_queue=1)
+    blocking = Run(PROMPTS[0], 5, after=lambda r: release.wait(TIMEOUT))
+    engine.submit(blocking.job)
+    while engine.stats()["active"] == 0:  # wait until the engine holds it (it then blocks in its callback)
+        threading.Event().wait(0.01)
+    engine.submit(Run(PROMPTS[1], 3).job)
+    with pytest.raises(QueueFull):
+        engine.submit(Run(PROMPTS[1], 3).job)
+    with pytest.raises(ContextLengthError):
+        engine.submit(Run([2] * model.manifest.max_context, 3).job)
+    for bad in (Run([], 3), Run([2, 99999], 3), Run([2, 3], -1), Run([2, 3], 3, logprobs=-1)):
+        with pytest.raises(ValueError):
+            engine.submit(bad.job)
+    image = Run([2, 3], 3)
+    image.job.image_features = np.zeros((1, 64), np.float32)
+    with pytest.raises(ValueError, match="text-only"):
+        engine.submit(image.job)
+    assert engine.stats()["queued"] == 1
+    release.set()
+    engine.close()
+    assert blocking.wait().reason == "length"
+
+
+def test_close_finishes_or_cancels_in_flight_jobs(model):
+    engine = BatchEngine(model, max_batch=2)
+    runs = [Run(p, 15) for p in PROMPTS[:3]]
+    for run in runs:
+        engine.submit(run.job)
+    engine.close()  # finishes them all, the queued one included
+    assert not engine._thread.is_alive()
+    for run, prompt in zip(runs, PROMPTS):
+        assert (run.tokens, run.reason) == alone(model, prompt, 15)
+    with pytest.raises(RuntimeError):
+        engine.submit(Run(PROMPTS[0], 3).job)
+
+    release = threading.Event()
+    engine = BatchEngine(model, max_batch=1)
+    first = Run(PROMPTS[0], 500, after=lambda r: release.wait(TIMEOUT) if len(r.tokens) == 2 else None)
+    queued = Run(PROMPTS[1], 500)
+    engine.submit(first.job), engine.submit(queued.job)
+    while len(first.tokens) < 2:
+        threading.Event().wait(0.01)
+    closing = threading.Thread(target=engine.close, kwargs={"cancel": True})
+    closing.start()
+    while not engine._closing:  # the engine is held in the callback until close() has asked to cancel
+        threading.Event().wait(0.01)
+    release.set()
+    closing.join(TIMEOUT)
+    assert not engine._thread.is_alive()
+    assert (first.wait().reason, queued.wait().reason) == ("cancelled", "cancelled")
+    assert len(first.tokens) == 2 and queued.tokens == []
+
+
+def test_a_failing_job_does_not_stop_the_others(model):
+    engine = BatchEngine(model)
+
+    def explode(run: Run) -> None:
+        if len(run.tokens) == 4:
+            raise RuntimeError("the client went away badly")
+
+    failing, fine = Run(PROMPTS[0], 30, after=explode), Run(PROMPTS[3], 30)
+    engine.submit(failing.job), engine.submit(fine.job)
+    failing.wait(), fine.wait()
+    engine.close()
+    assert failing.reason == "error" and "went away" in str(failing.error) and len(failing.tokens) == 4
+    assert (fine.tokens, fine.reason) == alone(model, PROMPTS[3], 30)
+
+
+def test_exports_without_a_batch_axis_are_refused(tmp_path):
+    write_tiny_model(tmp_path)  # a hand-built graph with a 0-d past_len, like exports older than batching
+    manifest = load_manifest(tmp_path)
+    assert not manifest.decoder.batch
+    decoder = OrtDecoder(manifest, threads=1)
+    cache = decoder.new_cache()
+    assert decoder.prefill(cache, [2, 3, 4]).shape == (64,)  # it still runs one sequence
+    with pytest.raises(NotBatched, match="serial engine"):
+        BatchEngine(Model(manifest, None, decoder))  # type: ignore[arg-type]
