@@ -264,3 +264,42 @@ def test_exports_without_a_batch_axis_are_refused(tmp_path):
     assert decoder.prefill(cache, [2, 3, 4]).shape == (64,)  # it still runs one sequence
     with pytest.raises(NotBatched, match="serial engine"):
         BatchEngine(Model(manifest, None, decoder))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def mm_model(tmp_path_factory) -> Model:
+    from gemma3.exporter.export import export
+    from gemma3.exporter.recipes import recipe
+    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
+    from tests.hf_reference import tiny_multimodal
+
+    folder = export(RandomCheckpoint(tiny_multimodal(), seed=5), tmp_path_factory.mktemp("batch_mm") / "mm",
+                    recipe("fp32"), eval_graph=False)
+    manifest = load_manifest(folder)
+    assert manifest.multimodal_decoder is not None and manifest.multimodal_decoder.batch
+    return Model(manifest, None, OrtDecoder(manifest, threads=1, chunk_size=CHUNK))  # type: ignore[arg-type]
+
+
+def test_image_jobs_batched_equal_alone(mm_model):
+    """An image prompt (its soft tokens' rows fed in its prefill) among text jobs: every job's tokens as alone."""
+    m = mm_model.manifest.model
+    rows = np.random.default_rng(0).normal(0, 1, (2 * 4, m.hidden_size)).astype(np.float32)  # 2 images, 4 rows each
+    image = [m.image_token_id] * 4
+    prompt = [2, 20, 21, m.boi_token_id, *image, m.eoi_token_id, 22, m.boi_token_id, *image, m.eoi_token_id, 23]
+    engine = BatchEngine(mm_model, max_batch=3)
+    with_images = Run(prompt, 40)
+    with_images.job.image_features = rows
+    texts = [Run(PROMPTS[1], 40), Run(PROMPTS[2], 30)]
+    for run in (texts[0], with_images, texts[1]):
+        engine.submit(run.job)
+    for run in (with_images, *texts):
+        run.wait()
+    engine.close()
+    cache = mm_model.decoder.new_cache()
+    want = [p.token_id for p in generate(mm_model.decoder, cache, prompt, GREEDY, 40, stop_ids=(), image_features=rows)]
+    assert (with_images.tokens, with_images.reason) == (want, "length")
+    other = [p.token_id for p in generate(mm_model.decoder, mm_model.decoder.new_cache(), prompt, GREEDY, 40,
+                                          stop_ids=(), image_features=rows[::-1].copy())]
+    assert other != want  # the rows matter: the engine fed them
+    for run, prompt_ids, n in zip(texts, PROMPTS[1:3], (40, 30)):
+        assert (run.tokens, run.reason) == alone(mm_model, prompt_ids, n)
