@@ -37,9 +37,9 @@ class BatchCache:
         self.version = 0  # bumped whenever buffers are replaced or a row moves: cached views are then stale
         self._spec, self._heads, self._dim = spec, num_kv_heads, head_dim
         self._dtype = np.dtype(spec.cache_dtype)
-        self._initial_rows = round_capacity(initial_rows, max_context)
+        self.initial_rows = round_capacity(initial_rows, max_context)
         self._views: dict[tuple[int, int], list[Binding]] = {}
-        self._allocate(1, self._initial_rows)
+        self._allocate(1, self.initial_rows)
 
     def _allocate(self, slots: int, rows: int) -> None:
         old = getattr(self, "arrays", None)
@@ -87,8 +87,7 @@ class BatchCache:
 
     def reset(self) -> None:
         """Back to one slot and the initial global rows (nothing is held)."""
-        if self.slots > 1 or self.global_rows > self._initial_rows:
-            self._allocate(1, self._initial_rows)
+        self._allocate(1, self.initial_rows)
 
     def bindings(self, start: int, stop: int) -> list[Binding]:
         """Rows [start, stop) of every buffer as OrtValues over the same memory, past and present alike."""

@@ -9,10 +9,13 @@
 So a new prompt is prefilled between decode steps and joins the batch once its first token is sampled; a finished
 or cancelled sequence leaves at once (the last row is copied into its hole, keeping the batch rows [0, B) packed).
 
-Why prefill stays B=1 and only decode is batched: a step takes one S for every row, so prefills of different
-lengths would need padding the op cannot mask, and a prefill chunk already runs matmuls of S rows (it is
-compute-bound; measured on the 270M, 2 threads: about 1.3k tokens/s prefill vs 40 tokens/s decode at B=1).
-Decode is bound by reading the weights once per step, which B rows share: see bench/batching.py for the numbers.
+Why prefill stays B=1 and only decode is batched: ONNX Runtime's CPU GroupQueryAttention refuses a step of S > 1
+tokens for B > 1 sequences with a past ("batch_size must be 1 when sequence_length > 1 and past context is given",
+1.32), and a step takes one S for every row anyway. Nor would batching prefill pay: a prefill chunk already runs
+matmuls of S rows (measured on the 270M fp32, 2 threads, on a shared machine: a 25-token prefill step 160 ms, i.e.
+~150 tokens/s, against one decode step 124 ms). Decode is bound by reading the weights (the 262144-row tied
+lm_head above all), which B rows share: a decode step takes 124 ms at B=1, 148 at B=2, 145 at B=4, 180 at B=8
+(8 -> 44 tokens/s; bench/batching.py prints the engine-level numbers).
 
 Exactness: each sequence keeps the semantics of runtime/generate.py token for token: its own Generator from its
 seed, `sample` with the same repetition-penalty bookkeeping, the same stop / length / context rules. Its cache rows
@@ -85,11 +88,18 @@ class _DecodeStep:
         m = decoder.manifest.model
         self.logits = np.zeros((max_batch, 1, m.vocab_size), np.float32)  # rows are sampled in place (views)
         self._logit_values: dict[int, ort.OrtValue] = {}
+        self._no_rows = np.zeros((0, m.hidden_size or 0), np.float32)  # the multimodal graph's text branch
+        self.release()
+
+    def release(self) -> None:
+        """Unbind the cache (its buffers can then be freed); keep the inputs that never change."""
+        self.binding.clear_binding_inputs()
+        self.binding.clear_binding_outputs()
         self._bound: tuple[int, int] | None = None  # (B, cache version) the cache views are bound for
         if self.spec.logits_count is not None:
             self.binding.bind_cpu_input(self.spec.logits_count, np.array(1, np.int64))
-        if self.spec.image_features is not None:  # 0 rows: the multimodal graph's text branch
-            self.binding.bind_cpu_input(self.spec.image_features, np.zeros((0, m.hidden_size or 0), np.float32))
+        if self.spec.image_features is not None:
+            self.binding.bind_cpu_input(self.spec.image_features, self._no_rows)
 
     def __call__(self, cache: BatchCache, tokens: list[int], lengths: list[int]) -> np.ndarray:
         """Feed tokens[b] at past_len lengths[b] for b < B; the logits [B, vocab] (this buffer: sample at once)."""
@@ -226,8 +236,15 @@ class BatchEngine:
                 for seq in self._sequences():
                     self._finish(seq, "error", e)
             if not self._busy():
-                self._cache.reset()  # nothing held: give the grown buffers back
-        self._cache.reset()
+                self._idle()
+        self._idle()
+
+    def _idle(self) -> None:
+        """Nothing is held: give the grown buffers back (the bindings would keep them alive)."""
+        if self._cache.slots > 1 or self._cache.global_rows > self._cache.initial_rows:
+            self._step.release()
+            self.decoder.release_cache()
+            self._cache.reset()
 
     def _sequences(self) -> list[_Sequence]:
         return [*self._decoding, *([self._prefilling] if self._prefilling is not None else [])]

@@ -160,6 +160,14 @@ class OrtDecoder:
             self._binding.bind_ortvalue_output(present, value)
         self._bound = (cache.serial, cache.version)
 
+    def release_cache(self) -> None:
+        """Unbind the last cache, so that its buffers can be freed (the batch engine drops its own when idle)."""
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        self._bound = None
+        if self._image_graph is not None:
+            self._image_graph.release_cache()
+
     @property
     def sees_images(self) -> bool:
         return self.manifest.image_decoder is not None and self.manifest.model.image_token_id is not None

@@ -111,7 +111,10 @@ def test_batched_greedy_equals_alone(model):
 
     def finish(seq, reason, error=None):  # record whether a row left while another sequence was being prefilled
         finishes.append(engine._prefilling is not None and seq is not engine._prefilling)
+        peak.append(engine._cache.nbytes)
         original(seq, reason, error)
+
+    peak: list[int] = []
 
     engine._finish = finish
     runs = staggered(engine, [GREEDY] * len(PROMPTS))
@@ -121,6 +124,7 @@ def test_batched_greedy_equals_alone(model):
     total = sum(MAX_NEW) - len(MAX_NEW)  # decode steps the jobs would take one by one
     assert engine.steps < 0.6 * total  # steps were shared
     assert any(finishes)  # a packed-row move happened under a prefill in flight
+    assert engine._cache.slots == 1 and engine.stats()["cache_bytes"] * 4 <= max(peak)  # given back when idle
     assert max(len(p) + n for p, n in zip(PROMPTS, MAX_NEW)) > 3 * 24  # far past the local buffer
 
 
