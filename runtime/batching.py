@@ -38,10 +38,10 @@ import onnxruntime as ort
 
 from gemma3.runtime.batch_cache import BatchCache, SlotCache
 from gemma3.runtime.generate import _Seen, check_prompt
-from gemma3.runtime.jobs import Job, QueueFull, TokenLogprobs
+from gemma3.runtime.jobs import EngineClosed, Job, QueueFull, TokenLogprobs
 from gemma3.runtime.manifest import ManifestError
 from gemma3.runtime.ort_decoder import OrtDecoder, run_error
-from gemma3.runtime.sampling import SamplingParams, apply_repetition_penalty, make_rng, sample
+from gemma3.runtime.sampling import make_rng, sample
 
 if TYPE_CHECKING:
     from gemma3.runtime.api import Model
@@ -58,25 +58,6 @@ class _Room(NamedTuple):
 
     max_context: int
     length: int = 0
-
-
-def token_logprobs(logits: np.ndarray, token: int, params: SamplingParams, seen_ids: np.ndarray | None,
-                   n: int) -> TokenLogprobs:
-    """`token`'s log-probability and the top `n`, from the distribution the sampler draws from before truncation:
-    repetition penalty, then temperature (greedy: none). One log-sum-exp over the row."""
-    x = np.asarray(logits, np.float32).reshape(-1)
-    if seen_ids is not None:
-        x = apply_repetition_penalty(x, seen_ids, params.repetition_penalty)
-    if not params.greedy:
-        x = x / np.float32(params.temperature)
-    top = float(x.max())
-    lse = top + float(np.log(np.exp(x - top, dtype=np.float32).sum(dtype=np.float64)))
-    if n <= 0:
-        return TokenLogprobs(float(x[token]) - lse)
-    best = np.argpartition(x, x.size - n)[x.size - n:] if n < x.size else np.arange(x.size)
-    best = best[np.argsort(-x[best], kind="stable")]
-    return TokenLogprobs(float(x[token]) - lse, tuple(int(i) for i in best),
-                         tuple(float(x[i]) - lse for i in best))
 
 
 class _DecodeStep:
@@ -168,7 +149,7 @@ class BatchEngine:
         self._check(job)
         with self._cond:
             if self._closing:
-                raise RuntimeError("the engine is closed")
+                raise EngineClosed("the engine is closed")
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} jobs are queued already (max_queue {self.max_queue})")
             self._queue.append(job)
@@ -323,7 +304,8 @@ class BatchEngine:
             token = sample(logits, job.params, seq.rng, seen)
             if token in job.stop_ids:
                 return "stop", None
-            lp = None if job.logprobs is None else token_logprobs(logits, token, job.params, seen, job.logprobs)
+            lp = None if job.logprobs is None else TokenLogprobs.from_logits(logits, job.params, token, job.logprobs,
+                                                                             seen)
             job.on_token(token, lp)
         except Exception as e:  # a row without a finite logit, or the caller's callback
             return "error", e

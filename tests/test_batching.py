@@ -17,7 +17,7 @@ import pytest
 from gemma3.runtime.api import Model
 from gemma3.runtime.batching import BatchEngine, NotBatched
 from gemma3.runtime.generate import generate
-from gemma3.runtime.jobs import Job, QueueFull, TokenLogprobs
+from gemma3.runtime.jobs import EngineClosed, Job, QueueFull, TokenLogprobs
 from gemma3.runtime.kv_cache import ContextLengthError
 from gemma3.runtime.manifest import load_manifest
 from gemma3.runtime.ort_decoder import OrtDecoder
@@ -223,7 +223,7 @@ def test_close_finishes_or_cancels_in_flight_jobs(model):
     assert not engine._thread.is_alive()
     for run, prompt in zip(runs, PROMPTS):
         assert (run.tokens, run.reason) == alone(model, prompt, 15)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(EngineClosed):
         engine.submit(Run(PROMPTS[0], 3).job)
 
     release = threading.Event()
