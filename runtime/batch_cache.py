@@ -11,6 +11,8 @@ per sequence, global layers row j = position j. The graph takes them as one batc
   max_context) when the longest sequence needs more, slots double (capped at max_batch) as sequences join; either
   copies what is held once. `reset` drops back to the smallest buffers when the engine runs empty.
 - The engine keeps its sequences packed in rows [0, n); `move` copies a row to fill the hole a finished one left.
+Cost of one shared C: every slot has the longest sequence's global rows (270M fp32: 6 KiB per row and slot, so
+8 slots beside one 32K-token conversation hold 1.5 GiB of global rows where alone it would hold 0.19 GiB).
 """
 
 from __future__ import annotations
