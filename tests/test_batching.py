@@ -8,6 +8,7 @@ a buffer of 24 rows, compacted per sequence).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable
 
@@ -19,7 +20,7 @@ from gemma3.runtime.batching import BatchEngine, NotBatched
 from gemma3.runtime.generate import generate
 from gemma3.runtime.jobs import EngineClosed, Job, QueueFull, TokenLogprobs
 from gemma3.runtime.kv_cache import ContextLengthError
-from gemma3.runtime.manifest import load_manifest
+from gemma3.runtime.manifest import ManifestError, load_manifest
 from gemma3.runtime.ort_decoder import OrtDecoder
 from gemma3.runtime.sampling import SamplingParams
 from tests.test_runtime_tinymodel import write_tiny_model
@@ -268,6 +269,16 @@ def test_exports_without_a_batch_axis_are_refused(tmp_path):
     assert decoder.prefill(cache, [2, 3, 4]).shape == (64,)  # it still runs one sequence
     with pytest.raises(NotBatched, match="serial engine"):
         BatchEngine(Model(manifest, None, decoder))  # type: ignore[arg-type]
+    # a manifest claiming a batch axis the graph lacks fails at load, in one line; a non-boolean one in the reader
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    data["decoder"]["batch"] = True
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="'past_len' is tensor\\(int64\\) \\[\\]"):
+        OrtDecoder(load_manifest(tmp_path), threads=1)
+    data["decoder"]["batch"] = "yes"
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="decoder.batch"):
+        load_manifest(tmp_path)
 
 
 @pytest.fixture(scope="module")
