@@ -2,8 +2,8 @@
 
 `BatchEngine` runs `Job`s (runtime/jobs.py) on its own thread. Each loop iteration
   1. admits the next queued job into a free slot (at most `max_batch` sequences hold one) and starts its prefill;
-  2. runs ONE prefill step of the sequence being prefilled (a chunk of at most the decoder's `chunk_size` tokens,
-     an image never split), through the decoder's one-sequence path on that slot's row of the batch cache;
+  2. runs ONE prefill step of the sequence being prefilled (a chunk of at most `prefill_chunk` tokens, an image
+     never split), through the decoder's one-sequence path on that slot's row of the batch cache;
   3. runs ONE batched decode step over every sequence past its prefill: input_ids [B, 1], past_len [B], each
      sequence at its own length (GroupQueryAttention's seqlens_k), then samples each row.
 So a new prompt is prefilled between decode steps and joins the batch once its first token is sampled; a finished
@@ -122,15 +122,18 @@ class _Sequence:
 class BatchEngine:
     """Continuous batching over an ONNX Runtime export whose decoder has a batch axis (manifest `batch`)."""
 
-    def __init__(self, model: Model, max_batch: int = 8, max_queue: int = 64) -> None:
+    def __init__(self, model: Model, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = None) -> None:
+        """`prefill_chunk`: prompt tokens per prefill step (default: the decoder's chunk_size): smaller steps keep the
+        running sequences' decode steps closer together while a long prompt is prefilled, at some prefill speed."""
         decoder = model.decoder
         if not isinstance(decoder, OrtDecoder) or not decoder.spec.batch:
             raise NotBatched(f"{model.manifest.root}: the decoder graph steps one sequence at a time (an ONNX Runtime "
                              "export from before batched decoding, or not an ONNX Runtime export): re-export it, "
                              "or serve it with a serial engine")
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.max_batch, self.max_queue = max_batch, max_queue
+        if max_batch < 1 or max_queue < 0 or (prefill_chunk is not None and prefill_chunk < 1):
+            raise ValueError(f"max_batch and prefill_chunk must be >= 1 and max_queue >= 0, got {max_batch}, "
+                             f"{prefill_chunk} and {max_queue}")
+        self.max_batch, self.max_queue, self.prefill_chunk = max_batch, max_queue, prefill_chunk
         self.model, self.decoder = model, decoder
         m = model.manifest
         self._vocab, self._max_context = m.model.vocab_size, m.max_context
@@ -249,7 +252,7 @@ class BatchEngine:
         params = job.params
         seq = _Sequence(job, self._cache.slot(len(self._decoding)), make_rng(params.seed),
                         _Seen(self._vocab, job.prompt_ids, params.repetition_penalty != 1.0), ids,
-                        self.decoder.chunks(ids))
+                        self.decoder.chunks(ids, self.prefill_chunk))
         self._prefilling = seq
         try:
             seq.cache.reserve(ids.size)  # the global rows grow once for the whole prompt

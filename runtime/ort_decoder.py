@@ -234,12 +234,13 @@ class OrtDecoder:
             return out[0]
         return out[0, -1] if borrow else out[0, -1].copy()
 
-    def chunks(self, ids: np.ndarray) -> list[tuple[int, int]]:
-        """[start, end) steps of at most `chunk_size` tokens, stretched so that no image is split."""
+    def chunks(self, ids: np.ndarray, size: int | None = None) -> list[tuple[int, int]]:
+        """[start, end) steps of at most `size` (default `chunk_size`) tokens, stretched so no image is split."""
         image = self.manifest.model.image_token_id if self.sees_images else None
+        size = size or self.chunk_size
         bounds, start = [], 0
         while start < ids.size:
-            end = min(start + self.chunk_size, ids.size)
+            end = min(start + size, ids.size)
             while image is not None and 0 < end < ids.size and ids[end - 1] == image and ids[end] == image:
                 end += 1  # an image's soft tokens stay in one step: their attention is bidirectional
             bounds.append((start, end))

@@ -107,7 +107,7 @@ def staggered(engine: BatchEngine, params: list[SamplingParams], logprobs: int |
 
 
 def test_batched_greedy_equals_alone(model):
-    engine = BatchEngine(model, max_batch=4)
+    engine = BatchEngine(model, max_batch=4, prefill_chunk=8)  # the 70-token prompt: 9 prefill steps
     finishes, original = [], engine._finish
 
     def finish(seq, reason, error=None):  # record whether a row left while another sequence was being prefilled
