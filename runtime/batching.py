@@ -177,6 +177,9 @@ class BatchEngine:
             raise ValueError(f"the {self.model.manifest.model.name} export is text-only: it takes no images")
         if rows != given:
             raise ValueError(f"the prompt has {rows} image soft tokens but {given} image feature rows")
+        hidden = self.model.manifest.model.hidden_size
+        if given and (np.ndim(job.image_features) != 2 or np.shape(job.image_features)[1] != hidden):
+            raise ValueError(f"image features must be [rows, {hidden}], got {list(np.shape(job.image_features))}")
 
     def stats(self) -> dict[str, int]:
         with self._cond:

@@ -313,6 +313,10 @@ def test_image_jobs_batched_equal_alone(mm_model):
     cache = mm_model.decoder.new_cache()
     want = [p.token_id for p in generate(mm_model.decoder, cache, prompt, GREEDY, 40, stop_ids=(), image_features=rows)]
     assert (with_images.tokens, with_images.reason) == (want, "length")
+    bad = Run(prompt, 3)
+    bad.job.image_features = rows[:, :-1]
+    with pytest.raises(ValueError, match="image features must be"):
+        engine.submit(bad.job)
     other = [p.token_id for p in generate(mm_model.decoder, mm_model.decoder.new_cache(), prompt, GREEDY, 40,
                                           stop_ids=(), image_features=rows[::-1].copy())]
     assert other != want  # the rows matter: the engine fed them
