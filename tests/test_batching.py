@@ -322,3 +322,33 @@ def test_image_jobs_batched_equal_alone(mm_model):
     assert other != want  # the rows matter: the engine fed them
     for run, prompt_ids, n in zip(texts, PROMPTS[1:3], (40, 30)):
         assert (run.tokens, run.reason) == alone(mm_model, prompt_ids, n)
+
+
+def test_the_server_runs_batch_exports_on_the_batch_engine(tmp_path):
+    """gemma3-serve over a batch export: make_engine picks BatchEngine, and concurrent seeded requests (streamed
+    and not) answer exactly what the runtime answers alone. The hand-built tiny graph with the batch axis is fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gemma3.runtime.api import load
+    from gemma3.serve.engines import make_engine
+    from tests.serve_live import MODEL_ID, live_server
+
+    write_tiny_model(tmp_path, vocab=262144, max_context=256, seed=5, with_tokenizer=True, batch=True)
+    model = load(tmp_path, threads=1)
+    engine = make_engine(model, max_batch=4, max_queue=16)
+    assert isinstance(engine, BatchEngine)
+    questions = [[{"role": "user", "content": f"Tell me about the number {k}"}] for k in range(8)]
+
+    def ask(k: int) -> str:
+        client = live.client()
+        kwargs = {"model": MODEL_ID, "messages": questions[k], "max_tokens": 16, "temperature": 0.9, "seed": k}
+        if k % 2:
+            return "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kwargs,
+                                                                                                   stream=True))
+        return client.chat.completions.create(**kwargs).choices[0].message.content
+
+    with live_server(model, engine) as live, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    for k, answer in enumerate(answers):
+        assert answer == model.generate(questions[k], max_new_tokens=16, temperature=0.9, seed=k).text
+    assert engine.steps > 0 and len(set(answers)) > 1
