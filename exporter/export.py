@@ -146,7 +146,7 @@ def _io(config: Gemma3Config, file: str, logits: str, images: bool = False) -> d
           "logits_output": "logits", "cache_dtype": "float32", "layers": layers,
           "batch": True}  # input_ids [B, S], past_len [B], caches [B, ...]: B sequences, each at its own length
     if logits == "last" and not images:
-        io["logits_count"] = "logits_count"  # 0-d int64 n: logits [1, n, vocab] of the step's last n positions
+        io["logits_count"] = "logits_count"  # 0-d int64 n: logits [B, n, vocab] of the step's last n positions
     if images:
         io["image_features"] = "image_features"  # [rows, hidden]: the soft tokens' rows in this step, in order
     return io
