@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
 
 from gemma3.graphs.config import Gemma3Config
 from gemma3.graphs.loaders.checkpoint import Checkpoint, CheckpointError, GGUFCheckpoint
@@ -94,8 +95,9 @@ def _error_feedback_weights(config: Gemma3Config, recipe: Recipe) -> tuple[set[s
 def _decoder_graph(config: Gemma3Config, precision: Recipe, all_logits: bool,
                    images: bool = False) -> tuple[ir.Model, WeightPlan]:
     if precision.target == "ort":  # the generation graph takes logits_count (speculative verification)
+        # batched: past_len [B] int64, so one step can advance several sequences (runtime/batching.py)
         model = trace_decoder(config, all_logits=all_logits, images=images,
-                              logits_count=not (all_logits or images))
+                              logits_count=not (all_logits or images), batched=True, past_len_dtype=torch.int64)
         (lower_bidirectional if images else lower_to_group_query_attention)(model)
     else:  # the HybridAttention nodes stay for TensorRT's plugin
         model = trace_tensorrt(config, precision, all_logits)
@@ -141,9 +143,10 @@ def _io(config: Gemma3Config, file: str, logits: str, images: bool = False) -> d
             "present_key": f"present_key.{i}", "present_value": f"present_value.{i}",
         })
     io = {"file": file, "logits": logits, "input_ids": "input_ids", "past_len": "past_len",
-          "logits_output": "logits", "cache_dtype": "float32", "layers": layers}
+          "logits_output": "logits", "cache_dtype": "float32", "layers": layers,
+          "batch": True}  # input_ids [B, S], past_len [B], caches [B, ...]: B sequences, each at its own length
     if logits == "last" and not images:
-        io["logits_count"] = "logits_count"  # 0-d int64 n: logits [1, n, vocab] of the step's last n positions
+        io["logits_count"] = "logits_count"  # 0-d int64 n: logits [B, n, vocab] of the step's last n positions
     if images:
         io["image_features"] = "image_features"  # [rows, hidden]: the soft tokens' rows in this step, in order
     return io

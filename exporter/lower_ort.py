@@ -1,11 +1,13 @@
 """Lower `gemma3::HybridAttention` to ONNX Runtime's `com.microsoft.GroupQueryAttention` (the ort target).
 
 Cache layouts on this target (verified on ONNX Runtime 1.31, CPU):
-  - global layers: a shared past/present buffer [1, kv_heads, C, head_dim], row j = position j; present has the
+  - global layers: a shared past/present buffer [B, kv_heads, C, head_dim], row j = position j; present has the
     shape of past, so the runtime binds both to one buffer and the op writes the new rows in place.
   - local layers: `local_window_size=W` with `sliding_window_cache=1`: a buffer of capacity C >= W that the op
     compacts itself (rows [0, L) hold the L most recent positions; slack above W amortises the compaction).
 GroupQueryAttention's window counts W keys including the query itself, as Gemma's `p - W < j <= p`.
+Batch: past_len [B] gives every sequence its own length (seqlens_k [B]); each sequence's rows, its local buffer's
+compaction included, are exactly what it gets stepped alone (measured on ONNX Runtime 1.32, tests/test_batching.py).
 QK-norm stays in the graph (the CPU kernel rejects fused norm weights); RoPE is applied before the op.
 """
 
@@ -34,16 +36,16 @@ def _op(graph: ir.Graph, anchor: ir.Node, op_type: str, inputs, name: str, **att
 
 
 def sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value]:
-    """seqlens_k [1] int32 = past_len + S - 1 and total_sequence_length [] int32 = past_len + S."""
+    """seqlens_k [B] int32 = past_len + S - 1 per sequence, and total_sequence_length [] int32 = the longest
+    sequence's past_len + S (the op sizes its present buffers by it; a 0-d past_len gives B = 1)."""
     input_ids, past_len = graph.inputs[0], graph.inputs[1]
     new_tokens = _op(graph, anchor, "Shape", [input_ids], "attn.new_tokens", start=1, end=2)  # [1] int64
-    total = _op(graph, anchor, "Add", [past_len, new_tokens], "attn.total_len")  # [1]
+    total = _op(graph, anchor, "Add", [past_len, new_tokens], "attn.total_len")  # [B]
     one = _const(graph, anchor, "attn.one", np.array([1], dtype=np.int64))
     seqlens = _op(graph, anchor, "Cast", [_op(graph, anchor, "Sub", [total, one], "attn.last_pos")],
                   "attn.seqlens_k", to=ir.DataType.INT32)
-    scalar_shape = _const(graph, anchor, "attn.scalar_shape", np.array([], dtype=np.int64))
-    total_i32 = _op(graph, anchor, "Cast", [total], "attn.total_len_i32", to=ir.DataType.INT32)
-    return seqlens, _op(graph, anchor, "Reshape", [total_i32, scalar_shape], "attn.total_sequence_length")
+    longest = _op(graph, anchor, "ReduceMax", [total], "attn.longest", keepdims=0)  # []
+    return seqlens, _op(graph, anchor, "Cast", [longest], "attn.total_sequence_length", to=ir.DataType.INT32)
 
 
 def replace_node(graph: ir.Graph, node: ir.Node, outputs: list[ir.Value]) -> None:

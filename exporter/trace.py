@@ -64,21 +64,22 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
 
 def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False,
                   dtype: torch.dtype = torch.float32, batched: bool = False,
-                  cache_dtype: torch.dtype | None = None, logits_count: bool = False) -> ir.Model:
+                  cache_dtype: torch.dtype | None = None, logits_count: bool = False,
+                  past_len_dtype: torch.dtype = torch.int32) -> ir.Model:
     """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
 
     images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
     order (multimodal configs; the runtime uses this graph only for chunks that hold an image).
     dtype: the compute dtype (weights, activations, caches; logits are always float32).
-    batched: the tensorrt contract: a dynamic batch, `past_len` [B] int32 per sequence. Otherwise (ort): one
-    sequence, `past_len` a 0-d int64.
+    batched: a dynamic batch, `past_len` [B] per sequence (`past_len_dtype`: int32 for tensorrt, int64 for ort).
+    Otherwise: one sequence, `past_len` a 0-d int64 (ort exports older than the batched decoder).
     cache_dtype: the caches' type when it is not the compute dtype (tensorrt fp8 caches; their scales are set on
     the attention nodes after calibration, `export_tensorrt.set_kv_scales`).
     logits_count: the step also takes `logits_count` (0-d int64 n, 1 <= n <= S, the last input) and returns the
     logits of its last n positions: one graph serves generation (n = 1) and speculative verification (n > 1).
     """
-    if logits_count and (all_logits or images or batched):
-        raise ValueError("logits_count applies to the one-sequence text decoder with last-position logits")
+    if logits_count and (all_logits or images):
+        raise ValueError("logits_count applies to the text decoder with last-position logits")
     if images and config.vision is None:
         raise ValueError(f"the {config.name} model is text-only; it has no image graph")
     layers = config.num_layers
@@ -95,7 +96,7 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
             shape = (batch, config.num_kv_heads, capacity, config.head_dim)
             cache += [torch.zeros(shape, dtype=cache_dtype or dtype), torch.zeros(shape, dtype=cache_dtype or dtype)]
         if batched:
-            past_len = torch.zeros((batch,), dtype=torch.int32)
+            past_len = torch.zeros((batch,), dtype=past_len_dtype)
             cache_dims = [{0: "batch", 2: f"capacity_{i // 2}"} for i in range(2 * layers)]
             dynamic_shapes = ({0: "batch", 1: "new_tokens"}, {0: "batch"}, cache_dims)
         else:

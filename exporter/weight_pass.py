@@ -96,13 +96,15 @@ def _embedding_ort(graph: ir.Graph, plan: WeightPlan, gathers: list[ir.Node], lm
         table = plan.add(graph, Stored(EMBED, EMBED, np.float32, shape, lambda w: w, rowwise=True))
         for gather in gathers:
             gather.replace_input_with(0, table)
-        for matmul in lm_heads:  # (B, S, H) -> (B*S, H) @ E^T -> (B, S, V)
+        for matmul in lm_heads:  # (B, S, H) -> (B*S, H) @ E^T -> (B, S, V), any batch
             flat = add_node(graph, matmul, "", "Reshape", [matmul.inputs[0], add_const(
                 graph, matmul, "lm_head.flat_shape", [-1, hidden])], "lm_head.flatten").outputs[0]
             gemm = add_node(graph, matmul, "", "Gemm", [flat, table], "lm_head.gemm", transB=1).outputs[0]
-            batch_shape = add_const(graph, matmul, "lm_head.out_shape", [1, -1, vocab])
+            leading = add_node(graph, matmul, "", "Shape", [matmul.inputs[0]], "lm_head.leading", start=0, end=-1)
+            out_shape = add_node(graph, matmul, "", "Concat", [leading.outputs[0], add_const(
+                graph, matmul, "lm_head.vocab", [vocab])], "lm_head.out_shape", axis=0).outputs[0]
             replace_output(graph, matmul,
-                           add_node(graph, matmul, "", "Reshape", [gemm, batch_shape], "lm_head").outputs[0])
+                           add_node(graph, matmul, "", "Reshape", [gemm, out_shape], "lm_head").outputs[0])
         return
     bits, block = scheme.bits, scheme.block
     packed, scales, *zero_points = _quantized_entries(plan, graph, EMBED, EMBED, vocab, hidden, scheme, rowwise=True)

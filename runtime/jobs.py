@@ -13,6 +13,7 @@ active sequence) and `serve.engines.SerialEngine` (one job at a time, for decode
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +28,10 @@ FINISH_REASONS = ("stop", "length", "context", "cancelled", "error")
 
 class QueueFull(RuntimeError):
     """The engine's queue holds `max_queue` jobs already: the caller answers 429 / 503."""
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down and takes no more jobs."""
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,12 @@ class TokenLogprobs:
             x = apply_repetition_penalty(x, seen_ids, params.repetition_penalty)
         if not params.greedy:
             x = apply_temperature(x, params.temperature)
-        x64 = x.astype(np.float64)
-        peak = x64.max()
-        logp = x64 - (peak + np.log(np.exp(x64 - peak).sum()))
-        best = np.argpartition(-logp, top - 1)[:top] if 0 < top < logp.size else np.arange(logp.size if top else 0)
-        best = best[np.argsort(-logp[best], kind="stable")]
-        return cls(float(logp[token]), tuple(int(i) for i in best), tuple(float(logp[i]) for i in best))
+        # one log-sum-exp over the row (float32 terms, a float64 sum); only the entries reported are subtracted
+        peak = float(x.max())
+        lse = peak + math.log(float(np.exp(x - np.float32(peak)).sum(dtype=np.float64)))
+        best = np.argpartition(x, x.size - top)[x.size - top:] if 0 < top < x.size else np.arange(x.size if top else 0)
+        best = best[np.argsort(-x[best], kind="stable")]
+        return cls(float(x[token]) - lse, tuple(int(i) for i in best), tuple(float(x[i]) - lse for i in best))
 
 
 @dataclass(eq=False)
@@ -78,7 +83,8 @@ class Engine(Protocol):
     max_batch: int
 
     def submit(self, job: Job) -> None:
-        """Queue `job` (raises `QueueFull`, or ValueError for a prompt past the context, before queueing)."""
+        """Queue `job` (raises `QueueFull`, `EngineClosed`, or ValueError for a prompt past the context, before
+        queueing)."""
         ...
 
     def stats(self) -> dict[str, int]:

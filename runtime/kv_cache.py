@@ -74,6 +74,14 @@ def round_capacity(rows: int, max_context: int) -> int:
     return min(max_context, -(-max(rows, 1) // CAPACITY_ALIGN) * CAPACITY_ALIGN)
 
 
+def grown_capacity(current: int, needed: int, max_context: int) -> int:
+    """Global rows after growing from `current` to hold `needed`: doubled until they do, capped at max_context."""
+    capacity = max(current, 1)
+    while capacity < needed:
+        capacity *= 2
+    return min(round_capacity(capacity, max_context), max_context)
+
+
 def local_rows(past: int, window: int, capacity: int) -> int:
     """Rows [0, L) a GroupQueryAttention sliding-window cache holds after `past` positions: all of them up to
     the capacity, then the op compacts to keep the last window - 1 before appending, so L cycles through
@@ -142,10 +150,7 @@ class KVCache:
         current = self.global_capacity
         if current is None or needed <= current:
             return False
-        capacity = current
-        while capacity < needed:
-            capacity *= 2
-        capacity = min(round_capacity(capacity, self.max_context), self.max_context)
+        capacity = grown_capacity(current, needed, self.max_context)
         log.debug("growing global KV caches from %d to %d rows (%d in use)", current, capacity, self.length)
         for layer in self.layers:
             if layer.kind != GLOBAL:

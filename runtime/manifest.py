@@ -80,8 +80,8 @@ class DecoderSpec:
 
     file: Path  # absolute path of the .onnx file
     logits: str  # "last": logits [1, 1, vocab]; "all": logits [1, S, vocab]
-    input_ids: str  # int64 [1, S]
-    past_len: str  # int64 scalar: tokens already in the cache
+    input_ids: str  # int64 [1, S] ([B, S] when `batch`)
+    past_len: str  # int64 scalar: tokens already in the cache ([B], one per sequence, when `batch`)
     logits_output: str
     cache_dtype: str  # numpy dtype name of every cache tensor
     layers: tuple[LayerCache, ...]
@@ -91,6 +91,9 @@ class DecoderSpec:
     # None in exports older than it (they return one position only)
     logits_count: str | None = None
     workspace: WorkspaceSpec | None = None  # tensorrt only
+    # ort: the graph takes B sequences per step (input_ids [B, S], past_len [B] int64, caches and logits [B, ...]),
+    # each at its own length; False in exports older than it (one sequence, past_len a 0-d int64)
+    batch: bool = False
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,8 @@ def _decoder(r: _Reader, root: Path, d: dict[str, Any], path: str, num_layers: i
             raise r.fail(f"'{path}.past_len_dtype' of a tensorrt graph must be 'int32', got {past_len_dtype!r}")
         extra["past_len_dtype"] = past_len_dtype
         extra["workspace"] = _workspace(r, r.get(d, "workspace", path, dict), f"{path}.workspace")
+    else:
+        extra["batch"] = r.get(d, "batch", path, bool, optional=True) or False
     return DecoderSpec(
         file=file,
         logits=logits,

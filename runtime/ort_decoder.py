@@ -1,8 +1,9 @@
 """An ONNX Runtime session over an exported decoder graph, stepping over a `KVCache` with IO binding.
 
-One step feeds `input_ids` [1, S] and `past_len` (the cache's length) and returns logits. Each layer's cache
-OrtValue is bound as both its past input and its present output, so the graph updates it in place; the
-bindings are only refreshed when the cache replaces a buffer (global growth). Prompts are fed in chunks of at
+One step feeds `input_ids` [1, S] and `past_len` (the cache's length: [1] for graphs with a batch dimension, 0-d
+for older ones) and returns logits; runtime/batching.py steps several sequences at once on batch graphs.
+Each layer's cache OrtValue is bound as both its past input and its present output, so the graph updates it in
+place; the bindings are only refreshed when the cache replaces a buffer (global growth). Prompts are fed in chunks of at
 most `chunk_size` tokens, which bounds activation memory and gives the same final logits as one big step.
 """
 
@@ -136,6 +137,7 @@ class OrtDecoder:
                 wanted[name] = ([1, m.num_kv_heads, rows, m.head_dim], cache_type)
         if spec.logits_count is not None:
             wanted[spec.logits_count] = ([], "int64")
+        wanted[spec.past_len] = ([None] if spec.batch else [], "int64")
         for name, (shape, kind) in wanted.items():
             check_arg(spec.file.name, args[name], shape, kind)
 
@@ -157,6 +159,14 @@ class OrtDecoder:
             self._binding.bind_ortvalue_input(past, value)
             self._binding.bind_ortvalue_output(present, value)
         self._bound = (cache.serial, cache.version)
+
+    def release_cache(self) -> None:
+        """Unbind the last cache, so that its buffers can be freed (the batch engine drops its own when idle)."""
+        self._binding.clear_binding_inputs()
+        self._binding.clear_binding_outputs()
+        self._bound = None
+        if self._image_graph is not None:
+            self._image_graph.release_cache()
 
     @property
     def sees_images(self) -> bool:
@@ -202,7 +212,7 @@ class OrtDecoder:
         self._bind_cache(cache)
         b = self._binding
         b.bind_cpu_input(self.spec.input_ids, ids)
-        b.bind_cpu_input(self.spec.past_len, np.array(cache.length, dtype=np.int64))
+        b.bind_cpu_input(self.spec.past_len, np.array([cache.length] if self.spec.batch else cache.length, np.int64))
         if self.spec.image_features is not None:
             features = self._no_rows if image_features is None else image_features
             b.bind_cpu_input(self.spec.image_features, np.ascontiguousarray(features, dtype=np.float32))
@@ -224,12 +234,13 @@ class OrtDecoder:
             return out[0]
         return out[0, -1] if borrow else out[0, -1].copy()
 
-    def chunks(self, ids: np.ndarray) -> list[tuple[int, int]]:
-        """[start, end) steps of at most `chunk_size` tokens, stretched so that no image is split."""
+    def chunks(self, ids: np.ndarray, size: int | None = None) -> list[tuple[int, int]]:
+        """[start, end) steps of at most `size` (default `chunk_size`) tokens, stretched so no image is split."""
         image = self.manifest.model.image_token_id if self.sees_images else None
+        size = size or self.chunk_size
         bounds, start = [], 0
         while start < ids.size:
-            end = min(start + self.chunk_size, ids.size)
+            end = min(start + size, ids.size)
             while image is not None and 0 < end < ids.size and ids[end - 1] == image and ids[end] == image:
                 end += 1  # an image's soft tokens stay in one step: their attention is bidirectional
             bounds.append((start, end))

@@ -18,13 +18,9 @@ import numpy as np
 
 from gemma3.runtime.api import Model
 from gemma3.runtime.generate import GenerationStats, check_prompt, generate
-from gemma3.runtime.jobs import Engine, Job, QueueFull, TokenLogprobs
+from gemma3.runtime.jobs import Engine, EngineClosed, Job, QueueFull, TokenLogprobs
 
 log = logging.getLogger(__name__)
-
-
-class EngineClosed(RuntimeError):
-    """The engine is shutting down and takes no more jobs."""
 
 
 def check_context(model: Model, prompt_tokens: int) -> None:

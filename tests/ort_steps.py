@@ -30,7 +30,8 @@ class Steps:
     def __call__(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """Feed ids (1, S) after the tokens fed so far; returns the logits the graph gives. With image_features
         (the step's soft-token rows), the manifest's image_decoder runs the step on the same caches."""
-        feeds = {"input_ids": ids.astype(np.int64), "past_len": np.array(self.past, np.int64), **self.cache}
+        past = [self.past] if self.io.get("batch") else self.past  # batch graphs: one length per sequence
+        feeds = {"input_ids": ids.astype(np.int64), "past_len": np.array(past, np.int64), **self.cache}
         session = self.session
         if image_features is not None:
             if self.image_session is None:

@@ -35,9 +35,11 @@ def make_weights(vocab: int, max_pos: int, seed: int = 0, layers: tuple[str, ...
 
 
 def build_graph(
-    w: dict[str, np.ndarray], layers: tuple[str, ...] = LAYERS, all_logits: bool = False, logits_count: bool = False
+    w: dict[str, np.ndarray], layers: tuple[str, ...] = LAYERS, all_logits: bool = False, logits_count: bool = False,
+    batch: bool = False,
 ) -> onnx.ModelProto:
-    """`logits_count`: the exporter's int64 scalar input n (logits of the last n positions) instead of the last."""
+    """`logits_count`: the exporter's int64 scalar input n (logits of the last n positions) instead of the last.
+    `batch`: current exports' batch axis: input_ids [B, S], past_len [B] (one length per sequence), caches [B, ...]."""
     init = [numpy_helper.from_array(v, name=k) for k, v in w.items()]
     init += [numpy_helper.from_array(np.array(v, np.int64), name=n) for n, v in
              (("one", 1), ("one1", [1]), ("minus1", [-1]), ("big1", [2**62]), ("shape1", [1]))]
@@ -46,16 +48,34 @@ def build_graph(
     nodes = [
         n("Shape", ["input_ids"], ["ids_shape"]),
         n("Gather", ["ids_shape", "one"], ["seq"], axis=0),  # S
-        n("Add", ["past_len", "seq"], ["total"]),
-        n("Range", ["past_len", "total", "one"], ["positions"]),
-        n("Sub", ["total", "one"], ["total_m1"]),
-        n("Cast", ["total_m1"], ["seqlens_scalar"], to=TensorProto.INT32),
-        n("Reshape", ["seqlens_scalar", "shape1"], ["seqlens_k"]),
-        n("Cast", ["total"], ["total_i32"], to=TensorProto.INT32),
+    ]
+    if batch:  # positions [B, S] = past_len[:, None] + arange(S); the op sizes its present by the longest sequence
+        init.append(numpy_helper.from_array(np.array(0, np.int64), name="zero"))
+        nodes += [
+            n("Range", ["zero", "seq", "one"], ["offsets"]),
+            n("Unsqueeze", ["past_len", "one1"], ["past_col"]),
+            n("Add", ["past_col", "offsets"], ["positions"]),
+            n("Add", ["past_len", "seq"], ["totals"]),
+            n("Sub", ["totals", "one"], ["totals_m1"]),
+            n("Cast", ["totals_m1"], ["seqlens_k"], to=TensorProto.INT32),
+            n("ReduceMax", ["totals"], ["total"], keepdims=0),
+            n("Cast", ["total"], ["total_i32"], to=TensorProto.INT32),
+        ]
+    else:
+        nodes += [
+            n("Add", ["past_len", "seq"], ["total"]),
+            n("Range", ["past_len", "total", "one"], ["positions"]),
+            n("Sub", ["total", "one"], ["total_m1"]),
+            n("Cast", ["total_m1"], ["seqlens_scalar"], to=TensorProto.INT32),
+            n("Reshape", ["seqlens_scalar", "shape1"], ["seqlens_k"]),
+            n("Cast", ["total"], ["total_i32"], to=TensorProto.INT32),
+        ]
+    nodes += [
         n("Gather", ["embed", "input_ids"], ["tok_emb"], axis=0),
         n("Gather", ["pos", "positions"], ["pos_emb"], axis=0),
         n("Add", ["tok_emb", "pos_emb"], ["x0"]),
     ]
+    b = "B" if batch else 1
     cache_in, cache_out = [], []
     for i, kind in enumerate(layers):
         x = f"x{i}"
@@ -68,7 +88,7 @@ def build_graph(
                        [f"l{i}.q", f"l{i}.k", f"l{i}.v", f"past_key.{i}", f"past_value.{i}", "seqlens_k", "total_i32"],
                        [f"l{i}.attn", f"present_key.{i}", f"present_value.{i}"], domain="com.microsoft", **attrs))
         nodes += [n("MatMul", [f"l{i}.attn", f"{i}.o"], [f"l{i}.out"]), n("Add", [x, f"l{i}.out"], [f"x{i + 1}"])]
-        shape = [1, KV_HEADS, CAPACITY if kind == "local" else f"capacity_{i}", HEAD_DIM]
+        shape = [b, KV_HEADS, CAPACITY if kind == "local" else f"capacity_{i}", HEAD_DIM]
         for p in ("key", "value"):
             cache_in.append(helper.make_tensor_value_info(f"past_{p}.{i}", TensorProto.FLOAT, shape))
             cache_out.append(helper.make_tensor_value_info(f"present_{p}.{i}", TensorProto.FLOAT, shape))
@@ -86,10 +106,11 @@ def build_graph(
     vocab = w["embed"].shape[0]
     graph = helper.make_graph(
         nodes, "tiny_decoder",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "S"]),
-         helper.make_tensor_value_info("past_len", TensorProto.INT64, []), *cache_in, *extra_inputs],
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [b, "S"]),
+         helper.make_tensor_value_info("past_len", TensorProto.INT64, ["B"] if batch else []), *cache_in,
+         *extra_inputs],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                       [1, "S" if all_logits else "n" if logits_count else 1, vocab]),
+                                       [b, "S" if all_logits else "n" if logits_count else 1, vocab]),
          *cache_out],
         init,
     )
@@ -121,7 +142,7 @@ def reference_logits(w: dict[str, np.ndarray], ids: list[int], layers: tuple[str
 
 
 def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS, eval_decoder: bool = True,
-                  logits_count: bool = False) -> dict:
+                  logits_count: bool = False, batch: bool = False) -> dict:
     def layer(i: int, kind: str) -> dict:
         names = {f"{a}_{b}": f"{a}_{b}.{i}" for a in ("past", "present") for b in ("key", "value")}
         local = kind == "local"
@@ -137,7 +158,8 @@ def manifest_dict(vocab: int, max_context: int, layers: tuple[str, ...] = LAYERS
              "max_position_embeddings": max_context, "layer_types": list(layers), "bos_token_id": 2,
              "eos_token_id": 1, "pad_token_id": 0, "image_token_id": None, "vision": None}
     m = {"format_version": 1, "model": model, "precision": "fp32", "target": "ort", "max_context": max_context,
-         "decoder": decoder("decoder.onnx", "last") | ({"logits_count": "logits_count"} if logits_count else {}),
+         "decoder": decoder("decoder.onnx", "last") | ({"logits_count": "logits_count"} if logits_count else {})
+         | ({"batch": True} if batch else {}),
          "tokenizer": "tokenizer.model",
          "generation_defaults": {"top_k": 64, "top_p": 0.95, "temperature": 1.0},
          "source": {"kind": "tiny-test"}, "versions": {}}
@@ -157,15 +179,16 @@ def tokenizer_bytes() -> bytes:
 
 def write_tiny_model(
     folder: Path, vocab: int = 64, max_context: int = 64, seed: int = 0, with_tokenizer: bool = False,
-    layers: tuple[str, ...] = LAYERS, logits_count: bool = False,
+    layers: tuple[str, ...] = LAYERS, logits_count: bool = False, batch: bool = False,
 ) -> dict[str, np.ndarray]:
     """Write decoder.onnx, decoder_all_logits.onnx, manifest.json (and tokenizer.model); return the weights.
-    `logits_count`: decoder.onnx takes it, as current exports' do (older ones return the last position only)."""
+    `logits_count`: decoder.onnx takes it, as current exports' do (older ones return the last position only).
+    `batch`: decoder.onnx has current exports' batch axis (older ones step one sequence)."""
     folder.mkdir(parents=True, exist_ok=True)
     w = make_weights(vocab, max_context, seed, layers)
-    onnx.save(build_graph(w, layers, logits_count=logits_count), folder / "decoder.onnx")
+    onnx.save(build_graph(w, layers, logits_count=logits_count, batch=batch), folder / "decoder.onnx")
     onnx.save(build_graph(w, layers, all_logits=True), folder / "decoder_all_logits.onnx")
-    manifest = manifest_dict(vocab, max_context, layers, logits_count=logits_count)
+    manifest = manifest_dict(vocab, max_context, layers, logits_count=logits_count, batch=batch)
     (folder / "manifest.json").write_text(json.dumps(manifest, indent=1))
     if with_tokenizer:
         (folder / "tokenizer.model").write_bytes(tokenizer_bytes())
