@@ -50,7 +50,7 @@ class RayServeOptions:
     allow_local_images: bool = False
     max_body_mb: float = DEFAULT_MAX_BODY_MB
     max_batch: int = 8  # per replica, where the export and engine can batch
-    max_queue: int = 64  # per replica: requests waiting for its engine (more: 429)
+    max_queue: int = 64  # per replica: requests waiting for its engine (more: 429); also Ray's router bound (503)
     threads: int = 1  # ONNX Runtime threads per replica, and the CPUs Ray reserves for it (so replicas don't share)
     num_gpus: float = 0.0  # GPUs per replica: 1 for TensorRT engines, so Ray places replicas on GPU nodes
     replicas: int = 1  # the replica count; under autoscaling, how many start
@@ -104,6 +104,9 @@ class RayServeOptions:
             # a full batch running and one waiting per replica; the rest wait in Ray's router for whichever
             # replica frees up first, rather than in one replica's queue
             "max_ongoing_requests": self.max_ongoing_requests or 2 * self.max_batch,
+            # past this many requests waiting in Ray's router (per proxy), Ray answers 503 at once instead of
+            # queueing without bound: each replica's own --max-queue is never reached behind the router
+            "max_queued_requests": self.max_queue,
             "graceful_shutdown_timeout_s": self.shutdown_timeout,
         }
         if self.autoscaling:
