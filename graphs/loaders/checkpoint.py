@@ -131,11 +131,11 @@ class GGUFCheckpoint(Checkpoint):
     """llama.cpp's format. Quantized tensors are dequantized with the `gguf` package on read."""
 
     def __init__(self, path: Path):
-        from gguf import GGUFReader
+        from gemma3.graphs.loaders.gguf_reader import FastGGUFReader
 
         self.source = str(path)
         try:
-            self.reader = GGUFReader(str(path))
+            self.reader = FastGGUFReader(str(path))
         except Exception as e:  # truncated files fail inside numpy's memmap / frombuffer
             raise CheckpointError(f"{path}: not a readable GGUF file ({reason(e)}); download it again") from e
         self._tensors, unknown = {}, []

@@ -14,6 +14,8 @@ import gguf
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+from gemma3.graphs.loaders.gguf_reader import FastGGUFReader
+
 _SPACE = "\u2581"  # SentencePiece's visible space
 _Piece = sp_pb2.ModelProto.SentencePiece
 
@@ -27,29 +29,6 @@ _TYPES = {
     5: _Piece.UNUSED,
     6: _Piece.BYTE,
 }
-
-
-class _FastReader(gguf.GGUFReader):
-    """GGUFReader that slices a plain ndarray view of its memory map instead of the `np.memmap` itself.
-
-    The reader makes one small array per element of every metadata array (3 x 262144 for Gemma's
-    vocabulary); slicing an `np.memmap` runs Python-level `__array_finalize__` each time, which makes
-    opening the file take ~10 s. A plain view of the same mapping gives identical arrays in ~2 s. If a
-    future gguf renames `_get`, this override is simply unused and we fall back to the slow path.
-    """
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: str | None = None) -> np.ndarray:
-        plain = self.__dict__.get("_plain")
-        if plain is None:
-            plain = self._plain = self.data.view(np.ndarray)
-        order = self.byte_order if override_order is None else override_order
-        dt = _DTYPES.get((dtype, order))
-        if dt is None:
-            dt = _DTYPES[dtype, order] = np.dtype(dtype).newbyteorder(order)
-        return plain[offset : offset + dt.itemsize * int(count)].view(dt)
-
-
-_DTYPES: dict[tuple[Any, str], np.dtype] = {}
 
 
 def _field(reader: gguf.GGUFReader, key: str, path: str | os.PathLike) -> gguf.ReaderField:
@@ -81,7 +60,7 @@ def sentencepiece_model_from_gguf(path: str | os.PathLike) -> bytes:
     Raises ValueError if the file has no tokenizer or its vocabulary is not SentencePiece-style
     (`tokenizer.ggml.model` must be "llama", which is how llama.cpp labels SentencePiece vocabularies).
     """
-    reader = _FastReader(path)
+    reader = FastGGUFReader(path)
     model_field = _field(reader, "tokenizer.ggml.model", path)
     kind = bytes(model_field.parts[model_field.data[0]]).decode("utf-8")
     if kind != "llama":
