@@ -58,3 +58,28 @@ def ort_270m_fp32(gguf_270m_path, tmp_path_factory):
 
     return export(open_checkpoint(gguf_270m_path, size="270m"), tmp_path_factory.mktemp("ort270m") / "fp32",
                   recipe("fp32"), eval_graph=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_mm_export(tmp_path_factory):
+    """`export(mm_tokens)` -> (HF model, our checkpoint, fp32 ort export folder) of `tiny_multimodal(mm_tokens=...)`
+    with random HF weights (seed 3), made once per session: the image graph tests and the batching engine's
+    image tests share it (an export takes ~25 s)."""
+    from gemma3.exporter.export import export
+    from gemma3.exporter.recipes import recipe
+    from gemma3.graphs import load_checkpoint, open_checkpoint
+    from tests.hf_reference import random_hf_model, save_hf, tiny_multimodal
+
+    made: dict[int, tuple] = {}
+
+    def make(mm_tokens: int) -> tuple:
+        if mm_tokens not in made:
+            hf = random_hf_model(tiny_multimodal(mm_tokens=mm_tokens), seed=3)
+            folder = save_hf(hf, tmp_path_factory.mktemp(f"mm{mm_tokens}"))
+            (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
+            out = export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", recipe("fp32"),
+                         eval_graph=False)
+            made[mm_tokens] = (hf, load_checkpoint(folder), out)
+        return made[mm_tokens]
+
+    return make

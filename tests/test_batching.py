@@ -282,14 +282,8 @@ def test_exports_without_a_batch_axis_are_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def mm_model(tmp_path_factory) -> Model:
-    from gemma3.exporter.export import export
-    from gemma3.exporter.recipes import recipe
-    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
-    from tests.hf_reference import tiny_multimodal
-
-    folder = export(RandomCheckpoint(tiny_multimodal(), seed=5), tmp_path_factory.mktemp("batch_mm") / "mm",
-                    recipe("fp32"), eval_graph=False)
+def mm_model(tiny_mm_export) -> Model:
+    folder = tiny_mm_export(4)[2]  # the image graph tests' export (tests/conftest.py)
     manifest = load_manifest(folder)
     assert manifest.multimodal_decoder is not None and manifest.multimodal_decoder.batch
     return Model(manifest, None, OrtDecoder(manifest, threads=1, chunk_size=CHUNK))  # type: ignore[arg-type]

@@ -10,23 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from gemma3.exporter.export import export, local_capacity
-from gemma3.exporter.recipes import recipe
-from gemma3.graphs import load_checkpoint, open_checkpoint
-from tests.hf_reference import prompt_with_images, random_hf_model, save_hf, tiny_multimodal
+from gemma3.exporter.export import local_capacity
+from tests.hf_reference import prompt_with_images
 from tests.ort_steps import Steps
 
 ATOL = 1e-4
 
 
 @pytest.fixture(scope="module", params=[4, 16], ids=["4-soft-tokens", "16-soft-tokens-over-window"])
-def mm_export(request, tmp_path_factory):
-    hf = random_hf_model(tiny_multimodal(mm_tokens=request.param), seed=3)
-    folder = save_hf(hf, tmp_path_factory.mktemp("mm"))
-    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
-    out = export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", recipe("fp32"),
-                 eval_graph=False)
-    return hf, load_checkpoint(folder), out
+def mm_export(request, tiny_mm_export):
+    return tiny_mm_export(request.param)
 
 
 def _chunks(ids: torch.Tensor, c, split_text: int = 5) -> list[tuple[int, int]]:
