@@ -152,3 +152,42 @@ def test_truncated_gguf(gguf_270m_path, tmp_path):
         broken.write_bytes(f.read(4_000_000))
     with pytest.raises(CheckpointError, match="broken.gguf"):
         load_checkpoint(broken)
+
+
+def test_fast_gguf_reader_reads_what_the_stock_reader_reads(tmp_path):
+    """FastGGUFReader (our GGUF checkpoints and tokenizers, and transformers' reads in tests/conftest.py) gives the
+    stock reader's fields and tensors, byte for byte, on a file with string, float and int arrays, scalars and
+    tensors of several types."""
+    import gguf
+    import numpy as np
+
+    from gemma3.graphs.loaders.gguf_reader import FastGGUFReader
+
+    path = tmp_path / "small.gguf"
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(2)
+    writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
+    writer.add_string("general.name", "small")
+    writer.add_array("tokenizer.ggml.tokens", [f"piece{i}\u2581" for i in range(300)])
+    writer.add_array("tokenizer.ggml.scores", rng.standard_normal(300).astype(np.float32).tolist())
+    writer.add_array("tokenizer.ggml.token_type", rng.integers(1, 7, 300).tolist())
+    for name, array in {"a.weight": rng.standard_normal((3, 32)).astype(np.float32),
+                        "b.weight": rng.standard_normal((64,)).astype(np.float16),
+                        "c.weight": rng.integers(-9, 9, (4, 8)).astype(np.int8)}.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    stock, fast = gguf.GGUFReader(str(path)), FastGGUFReader(str(path))
+    assert list(stock.fields) == list(fast.fields)
+    for key, field in stock.fields.items():
+        other = fast.fields[key]
+        assert field.types == other.types and field.data == other.data, key
+        assert [p.tobytes() for p in field.parts] == [p.tobytes() for p in other.parts], key
+        assert [p.dtype for p in field.parts] == [p.dtype for p in other.parts], key
+    assert [t.name for t in stock.tensors] == [t.name for t in fast.tensors]
+    for a, b in zip(stock.tensors, fast.tensors):
+        assert (a.tensor_type, list(a.shape), a.data_offset) == (b.tensor_type, list(b.shape), b.data_offset)
+        assert a.data.dtype == b.data.dtype and np.array_equal(a.data, b.data)
