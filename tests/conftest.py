@@ -105,3 +105,30 @@ def tiny_mm_export(tmp_path_factory):
         return made[mm_tokens]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_fp32_export(tmp_path_factory):
+    """A tiny random Gemma 3 (window 8 in 24 local rows, 96 positions) exported fp32 for the ort target, once per
+    session: the speculative decoding and batching engine tests share it (~15 s an export)."""
+    from gemma3.exporter.export import export
+    from gemma3.exporter.recipes import recipe
+    from gemma3.graphs.config import tiny
+    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
+
+    checkpoint = RandomCheckpoint(tiny(max_position_embeddings=96), seed=4)
+    return export(checkpoint, tmp_path_factory.mktemp("tiny_export") / "tiny", recipe("fp32"), eval_graph=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """(transformers model, its safetensors folder) of `tiny()` with random weights (seed 11): the ort and tensorrt
+    graph tests export it and compare against the model."""
+    from gemma3.graphs.config import tiny
+    from tests.hf_reference import random_hf_model, save_hf
+
+    hf = random_hf_model(tiny(), seed=11)
+    folder = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
+    # HF folders ship tokenizer.model; these graph tests never tokenize, so a placeholder file stands in
+    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
+    return hf, folder

@@ -31,14 +31,8 @@ TIMEOUT = 60
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Model:
-    from gemma3.exporter.export import export
-    from gemma3.exporter.recipes import recipe
-    from gemma3.graphs.config import tiny
-    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
-
-    folder = export(RandomCheckpoint(tiny(), seed=4), tmp_path_factory.mktemp("batch") / "tiny", recipe("fp32"),
-                    eval_graph=False)
+def model(tiny_fp32_export) -> Model:
+    folder = tiny_fp32_export  # tests/conftest.py: tiny(), 96 positions, shared with the speculative tests
     manifest = load_manifest(folder)
     assert manifest.decoder.batch
     # the engine reads the manifest and decoder only (tiny()'s 512-row vocabulary is too small for the tokenizer)
@@ -180,14 +174,15 @@ def test_stop_ids_and_full_context(model):
     greedy, _ = alone(model, PROMPTS[1], 20)
     engine = BatchEngine(model)
     stopped = Run(PROMPTS[1], 20, stop={greedy[4]})
-    long_prompt = [2, *(np.arange(249) % 400 + 3).tolist()]  # 250 tokens of a 256-token context
+    context = model.manifest.max_context
+    long_prompt = [2, *(np.arange(context - 7) % 400 + 3).tolist()]  # 6 positions short of the context
     full = Run(long_prompt, 20)
     engine.submit(stopped.job), engine.submit(full.job)
     stopped.wait(), full.wait()
     engine.close()
     assert (stopped.tokens, stopped.reason) == (greedy[:greedy.index(greedy[4])], "stop")
     assert (full.tokens, full.reason) == alone(model, long_prompt, 20)
-    assert full.reason == "context" and len(full.tokens) == 7  # the 7th fills position 256: yielded, never fed
+    assert full.reason == "context" and len(full.tokens) == 7  # the 7th fills the last position: yielded, never fed
 
 
 def test_queue_full_and_refusals_before_queueing(model):

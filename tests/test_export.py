@@ -29,15 +29,6 @@ CHUNKS = [7, 12, 1, 1, 1, 9, 1]  # 12 > window 8
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    hf = random_hf_model(tiny(), seed=11)
-    folder = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
-    # HF folders ship tokenizer.model; these graph tests never tokenize, so a placeholder file stands in
-    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
-    return hf, folder
-
-
-@pytest.fixture(scope="module")
 def fp32_export(tiny_checkpoint, tmp_path_factory):
     _, folder = tiny_checkpoint
     return export(open_checkpoint(folder), tmp_path_factory.mktemp("out") / "fp32", recipe("fp32"))

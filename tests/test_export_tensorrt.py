@@ -40,14 +40,6 @@ def _trt(name: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    hf = random_hf_model(tiny(), seed=11)
-    folder = save_hf(hf, tmp_path_factory.mktemp("ckpt"))
-    (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
-    return hf, folder
-
-
-@pytest.fixture(scope="module")
 def trt_fp32(tiny_checkpoint, tmp_path_factory):
     return export(open_checkpoint(tiny_checkpoint[1]), tmp_path_factory.mktemp("trt") / "fp32", _trt("fp32"),
                   max_context=64, max_batch=4)

@@ -231,15 +231,8 @@ def test_speculative_settings_parse_or_fail_in_one_line():
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    from gemma3.exporter.export import export
-    from gemma3.exporter.recipes import recipe
-    from gemma3.graphs.config import tiny as tiny_config
-    from gemma3.graphs.loaders.random_weights import RandomCheckpoint
-
-    checkpoint = RandomCheckpoint(tiny_config(vocab_size=512, max_position_embeddings=96), seed=4)
-    folder = export(checkpoint, tmp_path_factory.mktemp("spec_export") / "tiny", recipe("fp32"), eval_graph=False)
-    return OrtDecoder(load_manifest(folder), threads=1)
+def exported(tiny_fp32_export):
+    return OrtDecoder(load_manifest(tiny_fp32_export), threads=1)  # tests/conftest.py: vocab 512, 96 positions
 
 
 def test_exported_logits_count_returns_the_last_positions(exported):
