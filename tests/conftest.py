@@ -132,3 +132,14 @@ def tiny_checkpoint(tmp_path_factory):
     # HF folders ship tokenizer.model; these graph tests never tokenize, so a placeholder file stands in
     (folder / "tokenizer.model").write_bytes(b"placeholder: graph tests do not tokenize")
     return hf, folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A tiny random decoder with Gemma's real tokenizer (256 tokens of context), shared by the server's tests."""
+    from gemma3.runtime.api import load
+    from tests.test_runtime_tinymodel import write_tiny_model
+
+    folder = tmp_path_factory.mktemp("serve_tiny")
+    write_tiny_model(folder, vocab=262144, max_context=256, seed=5, with_tokenizer=True)
+    return load(folder, threads=1)

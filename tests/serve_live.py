@@ -13,26 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import openai
-import pytest
 import uvicorn
 
-from gemma3.runtime.api import Model, load
+from gemma3.runtime.api import Model
 from gemma3.runtime.jobs import Job
 from gemma3.serve.app import create_app
 from gemma3.serve.engines import SerialEngine
 from gemma3.serve.state import Settings
 
 MODEL_ID = "tiny"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Model:
-    """A tiny random decoder with Gemma's real tokenizer (256 tokens of context), shared by the server's tests."""
-    from tests.test_runtime_tinymodel import write_tiny_model
-
-    folder = tmp_path_factory.mktemp("serve_tiny")
-    write_tiny_model(folder, vocab=262144, max_context=256, seed=5, with_tokenizer=True)
-    return load(folder, threads=1)
 
 
 class SlowDecoder:

@@ -15,7 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests import serve_live
 from tests.chat_page import ChatPage, browser
 from tests.serve_live import MODEL_ID, Recording, live_server, slowed
 from tests.test_serve_errors import png_url
@@ -25,7 +24,6 @@ STATIC_FILES = ("index.html", "chat.css", "chat.js")
 PACKAGE_DIRS = ("graphs", "exporter", "plugins", "engine", "runtime", "serve")  # pyproject's package-dir
 SETTINGS = {"temperature": 0.9, "top_p": 0.95, "top_k": 40, "max_tokens": 16, "seed": 7}
 
-tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
 browser = browser  # a module fixture: one Chromium for these tests
 
 

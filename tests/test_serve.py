@@ -15,15 +15,11 @@ import pytest
 
 from gemma3.runtime.api import load
 from gemma3.runtime.chat import render_chat
-from tests import serve_live
 from tests.serve_live import MODEL_ID, Recording, live_server, slowed
 
 STRESS_S = float(os.environ.get("SERVE_STRESS_S", "15"))
 CLIENTS = 16
 HELLO = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me a story"}]
-
-
-tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
 
 
 @pytest.fixture(scope="module")

@@ -17,9 +17,6 @@ import pytest
 from gemma3.runtime.chat import STOP_IDS
 from gemma3.runtime.jobs import Job, TokenLogprobs
 from gemma3.serve.engines import SerialEngine, make_engine
-from tests import serve_live
-
-tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
 
 
 def free_port() -> int:

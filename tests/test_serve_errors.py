@@ -15,13 +15,9 @@ import pytest
 from PIL import Image
 
 from gemma3.runtime.api import load
-from tests import serve_live
 from tests.serve_live import MODEL_ID, Recording, live_server, slowed
 
 HI = [{"role": "user", "content": "Hi"}]
-
-
-tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
 
 
 @pytest.fixture(scope="module")

@@ -26,16 +26,12 @@ from gemma3.runtime.api import Model, load
 from gemma3.runtime.jobs import Engine
 from gemma3.serve.engines import make_engine
 from gemma3.serve.ray_app import APP_NAME, REPLICA_HEADER, RayServeOptions, build_app, make_deployment
-from tests import serve_live
 from tests.serve_live import MODEL_ID, slowed
 
 ROOT = Path(__file__).resolve().parent.parent
 HELLO = [{"role": "user", "content": "Tell me a story"}]
 STEP_DELAY_S = 0.02  # per decoding step in the replicas: a 200-token stream lasts 4 s, long enough to kill it in
 KILL_TIMEOUT_S = 20  # a stream on a killed replica must fail within this
-
-tiny_model = serve_live.tiny_model  # a session fixture: one tiny model for all the server's tests
-
 
 def slow_loader(options: RayServeOptions) -> tuple[Model, Engine]:
     """Each replica's model, slowed per step (runs in the replica: Ray finds it by name, tests/ on PYTHONPATH)."""
