@@ -39,6 +39,7 @@ class BatchCache:
         self.version = 0  # bumped whenever buffers are replaced or a row moves: cached views are then stale
         self._spec, self._heads, self._dim = spec, num_kv_heads, head_dim
         self._dtype = np.dtype(spec.cache_dtype)
+        self._has_global = any(layer.kind == GLOBAL for layer in spec.layers)
         self.initial_rows = round_capacity(initial_rows, max_context)
         self._views: dict[tuple[int, int], list[Binding]] = {}
         self._allocate(1, self.initial_rows)
@@ -71,8 +72,7 @@ class BatchCache:
         check_room(rows, 0, self.max_context)
         if slots > self.max_slots:
             raise ValueError(f"{slots} sequences asked of a cache for {self.max_slots}")
-        has_global = any(layer.kind == GLOBAL for layer in self._spec.layers)
-        new_rows = grown_capacity(self.global_rows, rows, self.max_context) if has_global else self.global_rows
+        new_rows = grown_capacity(self.global_rows, rows, self.max_context) if self._has_global else self.global_rows
         new_slots = self.slots
         while new_slots < slots:
             new_slots = min(2 * new_slots, self.max_slots)

@@ -34,13 +34,13 @@ import logging
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnxruntime as ort
 
 from gemma3.runtime.batch_cache import BatchCache, SlotCache
-from gemma3.runtime.generate import _Seen, check_prompt
+from gemma3.runtime.generate import SeenIds, check_prompt_fits
 from gemma3.runtime.jobs import EngineClosed, Job, QueueFull, TokenLogprobs
 from gemma3.runtime.manifest import ManifestError
 from gemma3.runtime.ort_decoder import OrtDecoder, run_error
@@ -54,13 +54,6 @@ log = logging.getLogger(__name__)
 
 class NotBatched(ManifestError):
     """The export's decoder steps one sequence at a time (exported before batching, or not ONNX Runtime)."""
-
-
-class _Room(NamedTuple):
-    """An empty context, for `check_prompt` at submit time."""
-
-    max_context: int
-    length: int = 0
 
 
 class _DecodeStep:
@@ -111,7 +104,7 @@ class _Sequence:
     job: Job
     cache: SlotCache  # its row of the batch cache
     rng: np.random.Generator
-    seen: _Seen
+    seen: SeenIds
     ids: np.ndarray  # the prompt
     steps: list[tuple[int, int]]  # prefill steps [start, end) still to run
     image_rows: int = 0  # image feature rows fed so far
@@ -163,7 +156,7 @@ class BatchEngine:
 
     def _check(self, job: Job) -> None:
         """Everything a job can be refused for, before it is queued (ValueError)."""
-        check_prompt(_Room(self._max_context), len(job.prompt_ids))  # ContextLengthError is a ValueError
+        check_prompt_fits(len(job.prompt_ids), self._max_context)  # ContextLengthError is a ValueError
         ids = np.asarray(job.prompt_ids)
         if ids.dtype.kind not in "iu" or ids.min() < 0 or ids.max() >= self._vocab:
             raise ValueError(f"prompt ids must be integers in [0, {self._vocab})")
@@ -254,7 +247,7 @@ class BatchEngine:
         ids = np.asarray(job.prompt_ids, np.int64)
         params = job.params
         seq = _Sequence(job, self._cache.slot(len(self._decoding)), make_rng(params.seed),
-                        _Seen(self._vocab, job.prompt_ids, params.repetition_penalty != 1.0), ids,
+                        SeenIds(self._vocab, job.prompt_ids, params.repetition_penalty != 1.0), ids,
                         self.decoder.chunks(ids, self.prefill_chunk))
         self._prefilling = seq
         try:

@@ -23,7 +23,8 @@ from gemma3.runtime.chat import STOP_IDS
 from gemma3.runtime.kv_cache import ContextLengthError, KVCache
 from gemma3.runtime.sampling import SamplingParams, make_rng, sample
 
-__all__ = ["ContextLengthError", "GenerationStats", "Piece", "check_prompt", "decode_step", "generate", "prefill"]
+__all__ = ["ContextLengthError", "GenerationStats", "Piece", "SeenIds", "check_prompt", "check_prompt_fits",
+           "decode_step", "generate", "prefill"]
 
 
 class Decoder(Protocol):
@@ -106,13 +107,19 @@ def peak_rss_mb() -> float:
 
 def check_prompt(cache: KVCache, prompt_tokens: int) -> None:
     """Raise `ContextLengthError` unless the prompt and one generated token fit after what the cache holds."""
+    check_prompt_fits(prompt_tokens, cache.max_context, cache.length)
+
+
+def check_prompt_fits(prompt_tokens: int, max_context: int, held: int = 0) -> None:
+    """`check_prompt` for a context of `max_context` positions that holds `held` already (engines check a job's
+    prompt against an empty one before queueing it)."""
     if prompt_tokens < 1:
         raise ValueError("the prompt is empty")
-    if cache.length + prompt_tokens >= cache.max_context:
-        held = f"{cache.length} tokens already in context + " if cache.length else ""
+    if held + prompt_tokens >= max_context:
+        already = f"{held} tokens already in context + " if held else ""
         raise ContextLengthError(
-            f"prompt too long: {held}{prompt_tokens} prompt tokens leave no room to generate in the model's "
-            f"context of {cache.max_context} tokens"
+            f"prompt too long: {already}{prompt_tokens} prompt tokens leave no room to generate in the model's "
+            f"context of {max_context} tokens"
         )
 
 
@@ -145,7 +152,7 @@ def begin(decoder: Decoder, cache: KVCache, prompt_ids: list[int], params: Sampl
     return frozenset(stop_ids), rng, start, prefill(decoder, cache, prompt_ids, image_features)
 
 
-class _Seen:
+class SeenIds:
     """The set of ids in the context, for the repetition penalty (tracked only when the penalty is on)."""
 
     def __init__(self, vocab: int, ids: Iterable[int], active: bool) -> None:
@@ -183,7 +190,7 @@ def generate(
     stats = stats if stats is not None else GenerationStats()
     stop, rng, start, logits = begin(decoder, cache, prompt_ids, params, max_new_tokens, stop_ids, rng, stats,
                                      image_features)
-    seen = _Seen(logits.shape[-1], [*history, *prompt_ids], params.repetition_penalty != 1.0)
+    seen = SeenIds(logits.shape[-1], [*history, *prompt_ids], params.repetition_penalty != 1.0)
     stats.prefill_seconds = time.perf_counter() - start
     reason = "length"
     try:

@@ -11,21 +11,15 @@ from __future__ import annotations
 import collections
 import logging
 import threading
-from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 
 from gemma3.runtime.api import Model
-from gemma3.runtime.generate import GenerationStats, check_prompt, generate
+from gemma3.runtime.generate import GenerationStats, SeenIds, check_prompt_fits, generate
 from gemma3.runtime.jobs import Engine, EngineClosed, Job, QueueFull, TokenLogprobs
 
 log = logging.getLogger(__name__)
-
-
-def check_context(model: Model, prompt_tokens: int) -> None:
-    """The runtime's own prompt check (`ContextLengthError`) against an empty cache of the export's context."""
-    check_prompt(SimpleNamespace(length=0, max_context=model.manifest.max_context), prompt_tokens)
 
 
 class _LogitsTap:
@@ -58,7 +52,7 @@ class SerialEngine:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        check_context(self.model, len(job.prompt_ids))
+        check_prompt_fits(len(job.prompt_ids), self.model.manifest.max_context)  # ContextLengthError
         with self._cond:
             if self._closing:
                 raise EngineClosed("the server is shutting down")
@@ -101,8 +95,9 @@ class SerialEngine:
             return "cancelled", None
         decoder = self.model.decoder
         tap = _LogitsTap(decoder) if job.logprobs is not None else None
-        penalty = job.logprobs is not None and job.params.repetition_penalty != 1.0
-        seen = list(job.prompt_ids) if penalty else []  # what `generate` penalises, for the logprobs
+        # what `generate` penalises, for the logprobs (tracked only when both are on)
+        seen = SeenIds(self.model.manifest.model.vocab_size, job.prompt_ids,
+                       job.logprobs is not None and job.params.repetition_penalty != 1.0)
         stats = GenerationStats()
         try:
             pieces = generate(tap or decoder, decoder.new_cache(len(job.prompt_ids) + 1), job.prompt_ids,
@@ -113,8 +108,8 @@ class SerialEngine:
                 logprobs = None
                 if tap is not None and job.logprobs is not None:
                     logprobs = TokenLogprobs.from_logits(tap.logits, job.params, piece.token_id, job.logprobs,
-                                                         np.unique(seen) if penalty else None)
-                    seen.append(piece.token_id)
+                                                         seen.ids())
+                    seen.add(piece.token_id)
                 job.on_token(piece.token_id, logprobs)
                 if job.cancelled.is_set():  # before the next decoder step
                     pieces.close()

@@ -13,9 +13,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
-from gemma3.runtime.jobs import QueueFull
+from gemma3.runtime.jobs import EngineClosed, QueueFull
 from gemma3.runtime.kv_cache import ContextLengthError
-from gemma3.serve.engines import EngineClosed, check_context
 from gemma3.serve.errors import APIError, unauthorized, validation_error
 from gemma3.serve.generation import Run
 from gemma3.serve.prompts import Prepared, prepare_chat, prepare_completion, refuse_unknown_model
@@ -88,7 +87,6 @@ def start(s: ServerState, prepared: Prepared, logprobs: int | None, stops: list[
           received: float) -> Run:
     """Submit the job, or the error a client can act on: too long (400), try later (429), shutting down (503)."""
     try:
-        check_context(s.model, len(prepared.prompt_ids))
         return Run(s.engine, s.model.tokenizer, s.metrics, prepared.prompt_ids, prepared.params,
                    prepared.max_new_tokens, stops, logprobs, prepared.image_features, received)
     except ContextLengthError as e:
