@@ -174,6 +174,10 @@ class BatchEngine:
         if given and (np.ndim(job.image_features) != 2 or np.shape(job.image_features)[1] != hidden):
             raise ValueError(f"image features must be [rows, {hidden}], got {list(np.shape(job.image_features))}")
 
+    @property
+    def active(self) -> int:
+        return len(self._decoding) + (self._prefilling is not None)
+
     def stats(self) -> dict[str, int]:
         with self._cond:
             prefilling = int(self._prefilling is not None)

@@ -87,6 +87,11 @@ class Engine(Protocol):
         queueing)."""
         ...
 
+    @property
+    def active(self) -> int:
+        """Sequences in the batch now: a cheap read without the engine's lock (per-token metrics read it)."""
+        ...
+
     def stats(self) -> dict[str, int]:
         """At least {"queued": jobs waiting, "active": sequences in the batch}."""
         ...

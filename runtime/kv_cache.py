@@ -79,7 +79,7 @@ def grown_capacity(current: int, needed: int, max_context: int) -> int:
     capacity = max(current, 1)
     while capacity < needed:
         capacity *= 2
-    return min(round_capacity(capacity, max_context), max_context)
+    return round_capacity(capacity, max_context)
 
 
 def local_rows(past: int, window: int, capacity: int) -> int:

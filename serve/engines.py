@@ -61,9 +61,13 @@ class SerialEngine:
             self._queue.append(job)
             self._cond.notify()
 
+    @property
+    def active(self) -> int:
+        return int(self._current is not None)
+
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {"queued": len(self._queue), "active": int(self._current is not None)}
+            return {"queued": len(self._queue), "active": self.active}
 
     def close(self, cancel: bool = False) -> None:
         with self._cond:

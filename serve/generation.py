@@ -34,6 +34,8 @@ class StopText:
 
     def feed(self, text: str) -> tuple[str, bool]:
         """The text that is safe to emit now, and whether a stop string ended it (it is not included)."""
+        if not self.stops:
+            return text, False
         buf = self.held + text
         hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
         if hits:
@@ -140,7 +142,7 @@ class Run:
             m.ttft.observe(at - self.received)
         else:
             m.itl.observe(at - last)
-        m.batch.observe(max(1, self.engine.stats().get("active", 1)))
+        m.batch.observe(max(1, self.engine.active))
 
     async def collect(self) -> tuple[str, list[tuple[int, TokenLogprobs | None]]]:
         """The whole answer: its text and every token (with its logprobs)."""

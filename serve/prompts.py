@@ -20,13 +20,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from gemma3.runtime.api import DEFAULT_MAX_NEW_TOKENS, Model
+from gemma3.runtime.api import DEFAULT_MAX_NEW_TOKENS, Model, sampling_overrides
 from gemma3.runtime.images import ImageError, decode_image, load_image
 from gemma3.runtime.sampling import SamplingParams
 from gemma3.serve.errors import APIError, bad_param
 from gemma3.serve.schemas import MAX_STOP_STRINGS, ChatRequest, CompletionRequest, _Generation
-
-SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 @dataclass
@@ -39,7 +37,7 @@ class Prepared:
 
 def sampling(model: Model, body: _Generation) -> SamplingParams:
     """The model's defaults with the request's values, each checked by `SamplingParams` (the runtime's rules)."""
-    given = {k: getattr(body, k) for k in SAMPLING_FIELDS if getattr(body, k) is not None}
+    given = sampling_overrides(dict(body))
     for name, value in given.items():  # one at a time, so the error names its parameter
         try:
             model.sampling(**{name: value})
