@@ -8,7 +8,7 @@ max_batch = B and times from the first submit to the last job's end: aggregate t
 (prefills included, B of them run one after another between decode steps). For reference it also times the plain
 one-sequence loop (runtime/generate.py) on the same prompt, and how long a `--long-prompt` joining three decoding
 sequences holds them up, per prefill_chunk. Without --model-dir the GGUF shipped on PyPI is
-exported once into /tmp/gemma3-batch-bench/PRECISION.
+exported once into the bench cache (`bench.ours.export_dir`, keyed by the exporter's code).
 """
 
 from __future__ import annotations
@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import THREADS
+from bench.ours import export_dir
+from gemma3.graphs.loaders.embedded import embedded_270m_gguf
 from gemma3.runtime.api import Model, load
 from gemma3.runtime.batching import BatchEngine
 from gemma3.runtime.generate import GenerationStats, generate
@@ -28,20 +31,6 @@ from gemma3.runtime.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
-
-
-def export_once(precision: str) -> Path:
-    folder = Path("/tmp/gemma3-batch-bench") / precision
-    if not (folder / "manifest.json").exists():
-        from gemma3.exporter.export import export
-        from gemma3.exporter.recipes import recipe
-        from gemma3.graphs import open_checkpoint
-        from gemma3.graphs.loaders.embedded import embedded_270m_gguf
-
-        print(f"exporting the 270M ({precision}) into {folder} ...", flush=True)
-        export(open_checkpoint(embedded_270m_gguf(), size="270m"), folder, recipe(precision), eval_graph=False,
-               force=True)
-    return folder
 
 
 def engine_round(model: Model, ids: list[int], batch: int, new_tokens: int) -> tuple[float, list[list[int]], int]:
@@ -112,13 +101,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--precision", default="fp32")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--long-prompt", type=int, default=1024,
                         help="tokens of the prompt that joins three decoding sequences (0: skip that measurement)")
     args = parser.parse_args()
-    model = load(args.model_dir or export_once(args.precision), threads=args.threads)
+    model = load(args.model_dir or export_dir(args.precision, embedded_270m_gguf()), threads=args.threads)
     ids = model.prompt_ids(PROMPT)
     engine_round(model, ids, 1, 8)  # warm-up: sessions' first runs, page faults
     wall, stats, plain = serial_round(model, ids, args.new_tokens)

@@ -97,7 +97,7 @@ def _decoder_graph(config: Gemma3Config, precision: Recipe, all_logits: bool,
     if precision.target == "ort":  # the generation graph takes logits_count (speculative verification)
         # batched: past_len [B] int64, so one step can advance several sequences (runtime/batching.py)
         model = trace_decoder(config, all_logits=all_logits, images=images,
-                              logits_count=not (all_logits or images), batched=True, past_len_dtype=torch.int64)
+                              logits_count=not (all_logits or images), past_len_dtype=torch.int64)
         (lower_bidirectional if images else lower_to_group_query_attention)(model)
     else:  # the HybridAttention nodes stay for TensorRT's plugin
         model = trace_tensorrt(config, precision, all_logits)

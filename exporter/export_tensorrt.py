@@ -39,7 +39,7 @@ MIN_SM = {"fp8": 89}  # fp8 E4M3 GEMMs need Ada / Hopper; everything else runs f
 
 def trace_tensorrt(config: Gemma3Config, recipe: Recipe, all_logits: bool) -> ir.Model:
     return trace_decoder(config, all_logits=all_logits, images=config.vision is not None,
-                         dtype=TORCH_DTYPES[recipe.compute_dtype], batched=True,
+                         dtype=TORCH_DTYPES[recipe.compute_dtype],
                          cache_dtype=TORCH_DTYPES[recipe.cache_dtype])
 
 

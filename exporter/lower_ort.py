@@ -37,7 +37,7 @@ def _op(graph: ir.Graph, anchor: ir.Node, op_type: str, inputs, name: str, **att
 
 def sequence_lengths(graph: ir.Graph, anchor: ir.Node) -> tuple[ir.Value, ir.Value]:
     """seqlens_k [B] int32 = past_len + S - 1 per sequence, and total_sequence_length [] int32 = the longest
-    sequence's past_len + S (the op sizes its present buffers by it; a 0-d past_len gives B = 1)."""
+    sequence's past_len + S (the op sizes its present buffers by it)."""
     input_ids, past_len = graph.inputs[0], graph.inputs[1]
     new_tokens = _op(graph, anchor, "Shape", [input_ids], "attn.new_tokens", start=1, end=2)  # [1] int64
     total = _op(graph, anchor, "Add", [past_len, new_tokens], "attn.total_len")  # [B]

@@ -63,7 +63,7 @@ def constants(config: Gemma3Config) -> dict[str, torch.Tensor]:
 
 
 def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool = False,
-                  dtype: torch.dtype = torch.float32, batched: bool = False,
+                  dtype: torch.dtype = torch.float32,
                   cache_dtype: torch.dtype | None = None, logits_count: bool = False,
                   past_len_dtype: torch.dtype = torch.int32) -> ir.Model:
     """The decoder step as an ONNX IR model with `gemma3::HybridAttention` nodes; parameters have no data.
@@ -71,8 +71,9 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
     images: the step also takes `image_features` [rows, hidden], the rows of the soft tokens in this step in
     order (multimodal configs; the runtime uses this graph only for chunks that hold an image).
     dtype: the compute dtype (weights, activations, caches; logits are always float32).
-    batched: a dynamic batch, `past_len` [B] per sequence (`past_len_dtype`: int32 for tensorrt, int64 for ort).
-    Otherwise: one sequence, `past_len` a 0-d int64 (ort exports older than the batched decoder).
+    The batch is dynamic: input_ids [B, S], `past_len` [B] per sequence (`past_len_dtype`: int32 for tensorrt,
+    int64 for ort), caches [B, ...]. (ort exports older than batched decoding had one sequence and a 0-d past_len;
+    the runtime still reads them.)
     cache_dtype: the caches' type when it is not the compute dtype (tensorrt fp8 caches; their scales are set on
     the attention nodes after calibration, `export_tensorrt.set_kv_scales`).
     logits_count: the step also takes `logits_count` (0-d int64 n, 1 <= n <= S, the last input) and returns the
@@ -83,7 +84,7 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
     if images and config.vision is None:
         raise ValueError(f"the {config.name} model is text-only; it has no image graph")
     layers = config.num_layers
-    batch = 2 if batched else 1  # an example of 2 keeps the batch axis symbolic
+    batch = 2  # an example of 2 keeps the batch axis symbolic
     with torch.device("meta"):  # everything traced on meta: no weight is ever allocated
         model = Gemma3(config)
         if dtype != torch.float32:
@@ -95,14 +96,9 @@ def trace_decoder(config: Gemma3Config, all_logits: bool = False, images: bool =
             capacity = config.window(i) or 16  # any example size: the capacity axis is dynamic
             shape = (batch, config.num_kv_heads, capacity, config.head_dim)
             cache += [torch.zeros(shape, dtype=cache_dtype or dtype), torch.zeros(shape, dtype=cache_dtype or dtype)]
-        if batched:
-            past_len = torch.zeros((batch,), dtype=past_len_dtype)
-            cache_dims = [{0: "batch", 2: f"capacity_{i // 2}"} for i in range(2 * layers)]
-            dynamic_shapes = ({0: "batch", 1: "new_tokens"}, {0: "batch"}, cache_dims)
-        else:
-            past_len = torch.tensor(0, dtype=torch.int64)
-            cache_dims = [{2: f"capacity_{i // 2}"} for i in range(2 * layers)]
-            dynamic_shapes = ({1: "new_tokens"}, None, cache_dims)
+        past_len = torch.zeros((batch,), dtype=past_len_dtype)
+        cache_dims = [{0: "batch", 2: f"capacity_{i // 2}"} for i in range(2 * layers)]
+        dynamic_shapes = ({0: "batch", 1: "new_tokens"}, {0: "batch"}, cache_dims)
         args = (torch.zeros((batch, 4), dtype=torch.int64), past_len, cache)
         if images:
             args += (torch.zeros((2, config.hidden_size), dtype=dtype),)
